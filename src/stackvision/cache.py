@@ -1,0 +1,138 @@
+"""The on-disk feature cache.
+
+Layout (``root`` defaults to the user cache dir, e.g. ``~/.cache/stackvision``)::
+
+    root/features-v1/<key>.sqlite   one store per (backbone, weights, preprocessing, pool, numbers)
+    root/features-v1/<key>.json     what the key was made of, for people
+
+``key`` = first 24 hex digits of sha256 over the canonical JSON of: backbone architecture, weights id
+(sha256 of the weights file, or the hub id), preprocessing spec, pooling, and the engine's numbers
+id (``fp32``/``int8``; fp32 engines agree to 1e-3 and share a store). Inside a store a row is keyed
+by (image content hash, view), so a renamed or copied image is still a hit and an edited one misses.
+
+Writes are SQLite transactions (WAL mode), one per batch: a killed process loses at most the batch in
+flight, never leaves a half-written row, and the next run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+CACHE_FORMAT = "features-v1"
+VIEWS = ("orig", "flip")
+
+
+def default_cache_dir() -> str:
+    env = os.environ.get("STACKVISION_CACHE")
+    if env:
+        return env
+    from platformdirs import user_cache_dir
+
+    return user_cache_dir("stackvision")
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def store_key(fields: dict) -> str:
+    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class FeatureStore:
+    """One backbone configuration's features: (image hash, view) -> float32 vector."""
+
+    def __init__(self, path: str, dim: int):
+        self.path = path
+        self.dim = dim
+        self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS features ("
+            " image TEXT NOT NULL, view TEXT NOT NULL, vec BLOB NOT NULL,"
+            " PRIMARY KEY (image, view)) WITHOUT ROWID"
+        )
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM features").fetchone()[0]
+
+    def get_many(self, hashes: Sequence[str], view: str) -> dict[str, np.ndarray]:
+        """The stored vectors among ``hashes`` for ``view``; absent ones are simply missing."""
+        out: dict[str, np.ndarray] = {}
+        unique = list(dict.fromkeys(hashes))
+        step = 500  # stay under SQLite's bound-parameter limit
+        for i in range(0, len(unique), step):
+            chunk = unique[i : i + step]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT image, vec FROM features WHERE view=? AND image IN ({marks})",
+                (view, *chunk),
+            )
+            for image, blob in rows:
+                vec = np.frombuffer(blob, dtype=np.float32)
+                if vec.size == self.dim:  # a foreign-sized row is treated as missing
+                    out[image] = vec
+        return out
+
+    def missing(self, hashes: Sequence[str], view: str) -> set[str]:
+        have = self.get_many(hashes, view)
+        return {h for h in hashes if h not in have}
+
+    def put_many(self, items: Iterable[tuple[str, str, np.ndarray]]) -> None:
+        """Store (image hash, view, vector) rows in one transaction."""
+        rows = [
+            (h, v, np.ascontiguousarray(vec, dtype=np.float32).tobytes()) for h, v, vec in items
+        ]
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO features (image, view, vec) VALUES (?, ?, ?)", rows
+            )
+
+
+class FeatureCache:
+    """The set of feature stores under one root directory."""
+
+    def __init__(self, root: str | None = None):
+        self.root = os.path.join(root or default_cache_dir(), CACHE_FORMAT)
+        self._stores: dict[str, FeatureStore] = {}
+
+    def store(self, fields: dict, dim: int) -> FeatureStore:
+        key = store_key(fields)
+        if key not in self._stores:
+            os.makedirs(self.root, exist_ok=True)
+            meta = os.path.join(self.root, key + ".json")
+            if not os.path.exists(meta):
+                tmp = f"{meta}.{os.getpid()}.tmp"
+                with open(tmp, "w") as fh:
+                    json.dump({**fields, "dim": dim}, fh, indent=1, sort_keys=True)
+                os.replace(tmp, meta)
+            self._stores[key] = FeatureStore(os.path.join(self.root, key + ".sqlite"), dim)
+        return self._stores[key]
+
+    def close(self) -> None:
+        for s in self._stores.values():
+            s.close()
+        self._stores.clear()
+
+
+def store_fields(spec, pool: str, numbers: str) -> dict:
+    """The fields that define a store's key (see the module docstring)."""
+    return {
+        "architecture": spec.architecture,
+        "weights": spec.weights_id,
+        "preprocess": spec.preprocess.to_dict(),
+        "pool": pool,
+        "numbers": numbers,
+    }

@@ -1,0 +1,247 @@
+"""Listing a data set into image paths, labels and the problems found on the way.
+
+Three layouts: a folder with one subfolder per class (Keras ``flow_from_directory``), a
+``labels.csv`` plus an image folder (Kaggle dog-breed layout), or unlabelled paths/folders for
+prediction. Nothing is decoded here; unreadable images are found later, by the decoder.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .errors import StackvisionError
+from .images import is_image_file
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A file that was left out, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Listing:
+    """Paths (and labels, for labelled data) in a stable order, plus what was left out."""
+
+    paths: list[str]
+    labels: list[str] | None = None
+    problems: list[Problem] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.labels or []))
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(self.labels or []).items()))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _require_dir(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise StackvisionError(f"{what} not found: {path}", "check the path")
+    if not os.path.isdir(path):
+        raise StackvisionError(f"{what} is not a folder: {path}", "give a folder of images")
+
+
+def _walk_images(root: str) -> tuple[list[str], list[Problem]]:
+    images, problems = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            full = os.path.join(dirpath, name)
+            if is_image_file(name):
+                images.append(full)
+            elif not name.lower().endswith((".csv", ".txt", ".json", ".md")):
+                problems.append(Problem(full, "not an image file extension; skipped"))
+    return images, problems
+
+
+def from_folder(root: str) -> Listing:
+    """One subfolder per class; every image below a class folder (recursively) has that class."""
+    _require_dir(root, "data folder")
+    classes = sorted(
+        d
+        for d in os.listdir(root)
+        if not d.startswith(".") and os.path.isdir(os.path.join(root, d))
+    )
+    if not classes:
+        raise StackvisionError(
+            f"no class subfolders in {root}",
+            "put each class's images in its own subfolder (DATA/<class>/*.jpg), "
+            "or use --labels labels.csv --images DIR",
+        )
+    paths, labels, problems = [], [], []
+    for cls in classes:
+        found, bad = _walk_images(os.path.join(root, cls))
+        paths += found
+        labels += [cls] * len(found)
+        problems += bad
+    if not paths:
+        raise StackvisionError(
+            f"no images found under {root}", "supported: jpg png webp bmp gif tif"
+        )
+    return Listing(paths, labels, problems, source=os.path.abspath(root))
+
+
+_ID_COLUMNS = ("id", "image", "image_id", "file", "filename", "path", "image_path", "img")
+_LABEL_COLUMNS = ("label", "breed", "class", "category", "species", "target", "y")
+
+
+def _pick_column(
+    header: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, csv_path: str
+) -> str:
+    if wanted:
+        if wanted not in header:
+            raise StackvisionError(
+                f"column '{wanted}' not in {csv_path} (columns: {', '.join(header)})",
+                f"pass an existing column name with --{what}-col",
+            )
+        return wanted
+    lowered = {h.lower().strip(): h for h in header}
+    for c in candidates:
+        if c in lowered:
+            return lowered[c]
+    raise StackvisionError(
+        f"cannot tell which column of {csv_path} holds the {what} (columns: {', '.join(header)})",
+        f"name it with --{what}-col",
+    )
+
+
+def from_csv(
+    csv_path: str,
+    images_dir: str | None = None,
+    id_col: str | None = None,
+    label_col: str | None = None,
+) -> Listing:
+    """A labels CSV (e.g. Kaggle's ``id,breed``) plus the folder that holds the images.
+
+    Ids may carry an extension or not (``.jpg`` and the other image extensions are tried); they may
+    be paths relative to ``images_dir`` (default: the CSV's folder). A row whose file is missing is
+    an error naming the first few, because a silently smaller training set is worse than a stop.
+    """
+    if not os.path.isfile(csv_path):
+        raise StackvisionError(f"labels file not found: {csv_path}", "check the --labels path")
+    base = images_dir or os.path.dirname(os.path.abspath(csv_path))
+    _require_dir(base, "images folder")
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = list(reader.fieldnames or [])
+        if len(header) < 2:
+            raise StackvisionError(
+                f"{csv_path} needs a header row with an id/path column and a label column",
+                "e.g. 'id,breed'",
+            )
+        idc = _pick_column(header, id_col, _ID_COLUMNS, "id", csv_path)
+        rest = [h for h in header if h != idc]
+        if label_col or len(rest) != 1:
+            lbl = _pick_column(rest, label_col, _LABEL_COLUMNS, "label", csv_path)
+        else:
+            lbl = rest[0]
+        rows = [(r[idc], r[lbl]) for r in reader]
+    paths, labels, missing = [], [], []
+    exts = (
+        "",
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".webp",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".JPG",
+        ".JPEG",
+        ".PNG",
+    )
+    for ident, label in rows:
+        ident = (ident or "").strip()
+        label = (label or "").strip()
+        if not ident or not label:
+            missing.append(f"row with id '{ident}' and label '{label}' is incomplete")
+            continue
+        for ext in exts:
+            cand = os.path.join(base, ident + ext)
+            if os.path.isfile(cand):
+                paths.append(cand)
+                labels.append(label)
+                break
+        else:
+            missing.append(ident)
+    if missing:
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise StackvisionError(
+            f"{len(missing)} row(s) of {csv_path} have no image file in {base}: {shown}",
+            "fix the CSV or the --images folder",
+        )
+    if not paths:
+        raise StackvisionError(f"{csv_path} lists no images", "add rows 'id,label'")
+    return Listing(paths, labels, [], source=os.path.abspath(csv_path))
+
+
+def from_paths(inputs: list[str]) -> Listing:
+    """Unlabelled images for prediction: files and/or folders (searched recursively)."""
+    paths, problems = [], []
+    for item in inputs:
+        if os.path.isdir(item):
+            found, bad = _walk_images(item)
+            paths += found
+            problems += bad
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise StackvisionError(f"input not found: {item}", "check the image or folder path")
+    if not paths:
+        raise StackvisionError(
+            f"no images found in {', '.join(inputs)}", "supported: jpg png webp bmp gif tif"
+        )
+    return Listing(paths, None, problems, source=", ".join(inputs))
+
+
+def load_labelled(
+    data: str | None,
+    labels_csv: str | None = None,
+    images_dir: str | None = None,
+    id_col: str | None = None,
+    label_col: str | None = None,
+) -> Listing:
+    """The labelled-data entry point the CLI uses: a class-folder tree or a labels CSV."""
+    if labels_csv:
+        return from_csv(labels_csv, images_dir or data, id_col, label_col)
+    if not data:
+        raise StackvisionError(
+            "no data given", "pass a folder of class subfolders, or --labels CSV --images DIR"
+        )
+    if os.path.isfile(data) and data.lower().endswith(".csv"):
+        return from_csv(data, images_dir, id_col, label_col)
+    return from_folder(data)
+
+
+def check_trainable(labels: list[str], folds: int = 1) -> None:
+    """Refuse data a classifier cannot be trained or cross-validated on, naming the fix."""
+    counts = Counter(labels)
+    if len(counts) < 2:
+        only = next(iter(counts), "?")
+        raise StackvisionError(
+            f"only one class ('{only}') in the training data",
+            "a classifier needs at least two classes: add another class folder",
+        )
+    if folds > 1:
+        small = sorted((n, c) for c, n in counts.items() if n < folds)
+        if small:
+            desc = ", ".join(f"'{c}' has {n}" for n, c in small[:5])
+            raise StackvisionError(
+                f"{len(small)} class(es) have fewer images than --folds {folds}: {desc}",
+                f"add images to those classes or use --folds {max(2, min(counts.values()))}",
+            )

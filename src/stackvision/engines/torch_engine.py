@@ -1,0 +1,34 @@
+"""Eager PyTorch engine (channels-last on CPU, fp32; any CUDA device)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..backbones import BackboneSpec, build_model
+
+
+class TorchEngine:
+    numbers_id = "fp32"
+
+    def __init__(self, spec: BackboneSpec, pool: str = "avg", device: str = "cpu"):
+        self.spec = spec
+        self.device = torch.device(device)
+        model = build_model(spec, pool)
+        # Channels-last is ~3x faster than the default layout for these convnets on x86 CPUs.
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+        pp = spec.preprocess
+        self._mean = torch.tensor(pp.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(pp.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._bgr = pp.channel_order == "BGR"
+
+    @torch.inference_mode()
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float()
+        # Preprocess.to_uint8 already applied channel order; mean/std are in RGB order.
+        mean, std = (
+            (self._mean.flip(1), self._std.flip(1)) if self._bgr else (self._mean, self._std)
+        )
+        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        return self.model(x).float().cpu().numpy()

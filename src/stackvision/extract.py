@@ -1,0 +1,240 @@
+"""The extraction pipeline: listing -> decode workers -> engines -> feature cache -> feature blocks.
+
+Every image is hashed first; only (image, view) pairs missing from a backbone's store are decoded
+and pushed through that backbone. Each image is decoded once for all backbones that need it
+(resized per backbone), decoding of the next batch overlaps inference of the current one, and the
+batch's features are committed to the cache before the next batch starts, so a killed run resumes
+where it stopped and peak memory is a few batches, whatever the number of images.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backbones import BackboneSpec
+from .cache import VIEWS, FeatureCache, content_hash, store_fields
+from .data import Problem
+from .engines import create_engine, numbers_id
+from .errors import StackvisionError
+from .images import ImageDecodeError, decode, read_bytes
+
+
+@dataclass
+class Features:
+    """Per-backbone feature blocks for the images that could be used."""
+
+    paths: list[str]  # kept paths, input order
+    index: np.ndarray  # position of each kept path in the input sequence
+    hashes: list[str]
+    views: tuple[str, ...]
+    blocks: dict[str, np.ndarray]  # backbone name -> float32 (N, n_views, dim)
+    problems: list[Problem] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    def stacked(self, names: Sequence[str] | None = None) -> np.ndarray:
+        """Concatenate the named backbones' features: float32 (N, n_views, sum of dims)."""
+        names = list(names or self.blocks)
+        return np.concatenate([self.blocks[n] for n in names], axis=-1)
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _hash_file(path: str) -> str | ImageDecodeError:
+    try:
+        data = read_bytes(path)
+    except ImageDecodeError as exc:
+        return exc
+    if not data:
+        return ImageDecodeError(path, "empty file (0 bytes)")
+    return content_hash(data)
+
+
+def _decode_for(path: str, specs: list[BackboneSpec]) -> dict[str, np.ndarray] | ImageDecodeError:
+    try:
+        min_side = max(s.preprocess.resize_size for s in specs)
+        img = decode(read_bytes(path), path, min_side=min_side)
+        return {s.name: s.preprocess.to_uint8(img) for s in specs}
+    except ImageDecodeError as exc:
+        return exc
+
+
+def extract(
+    paths: Sequence[str],
+    specs: Sequence[BackboneSpec],
+    *,
+    views: Sequence[str] = ("orig",),
+    pool: str = "avg",
+    cache: FeatureCache | None = None,
+    engine: str = "torch",
+    precision: str = "fp32",
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int | None = None,
+    strict: bool = False,
+    progress: bool = False,
+) -> Features:
+    """Features of ``paths`` for each backbone and view, computing only what the cache lacks."""
+    for v in views:
+        if v not in VIEWS:
+            raise StackvisionError(f"unknown view '{v}'", f"use {' or '.join(VIEWS)}")
+    if batch_size < 1:
+        raise StackvisionError(
+            f"batch size must be at least 1, got {batch_size}", "use --batch-size 32"
+        )
+    views = tuple(views)
+    workers = workers or default_workers()
+    cache = cache or FeatureCache()
+    numbers = numbers_id(engine, precision)
+    stores = {s.name: cache.store(store_fields(s, pool, numbers), s.feature_dim) for s in specs}
+    t0 = time.perf_counter()
+
+    # 1. Content hashes (cheap next to inference; they are what the cache is keyed by).
+    hashes: list[str | None] = [None] * len(paths)
+    failed: dict[int, str] = {}
+    with ThreadPoolExecutor(workers) as pool_ex:
+        for i, res in enumerate(pool_ex.map(_hash_file, paths, chunksize=64)):
+            if isinstance(res, ImageDecodeError):
+                failed[i] = res.reason
+            else:
+                hashes[i] = res
+    t_hash = time.perf_counter() - t0
+
+    # 2. Which (image, backbone) pairs are missing any requested view.
+    live = [h for h in hashes if h is not None]
+    todo = {
+        name: set().union(*(store.missing(live, v) for v in views))
+        for name, store in stores.items()
+    }
+    need = [i for i, h in enumerate(hashes) if h is not None and any(h in t for t in todo.values())]
+    need = list(dict.fromkeys(need))
+    n_cached = len(live) - len(need)
+
+    # 3. Decode (worker threads, one batch ahead) and run the engines on what is missing.
+    computed = {name: 0 for name in stores}
+    t1 = time.perf_counter()
+    if need:
+        active = [s for s in specs if todo[s.name]]
+        engines = {
+            s.name: create_engine(s, pool=pool, engine=engine, device=device, precision=precision)
+            for s in active
+        }
+        batches = [need[i : i + batch_size] for i in range(0, len(need), batch_size)]
+        bar = _progress(len(need), "+".join(s.name for s in active), progress)
+        seen: set[tuple[str, str]] = set()
+        with ThreadPoolExecutor(workers) as pool_ex:
+            pending: deque = deque()
+
+            def submit(batch):
+                jobs = []
+                for i in batch:
+                    wanted = [s for s in active if hashes[i] in todo[s.name]]
+                    jobs.append((i, pool_ex.submit(_decode_for, paths[i], wanted)))
+                pending.append(jobs)
+
+            for b in batches[:2]:
+                submit(b)
+            for bi in range(len(batches)):
+                jobs = pending.popleft()
+                if bi + 2 < len(batches):
+                    submit(batches[bi + 2])
+                per_backbone: dict[str, list[tuple[str, np.ndarray]]] = {s.name: [] for s in active}
+                for i, fut in jobs:
+                    res = fut.result()
+                    if isinstance(res, ImageDecodeError):
+                        if strict:
+                            raise StackvisionError(
+                                f"bad image {paths[i]}: {res.reason}",
+                                "remove or replace it, or run without --strict to skip bad images",
+                            )
+                        failed[i] = res.reason
+                        continue
+                    for name, arr in res.items():
+                        key = (name, hashes[i])
+                        if key not in seen:  # duplicate files are computed once
+                            seen.add(key)
+                            per_backbone[name].append((hashes[i], arr))
+                for name, items in per_backbone.items():
+                    if not items:
+                        continue
+                    hs = [h for h, _ in items]
+                    x = np.stack([a for _, a in items])
+                    rows = []
+                    for v in views:
+                        xv = x if v == "orig" else np.ascontiguousarray(x[:, :, ::-1])
+                        feats = engines[name].features(xv)
+                        rows += [(h, v, f) for h, f in zip(hs, feats)]
+                    stores[name].put_many(rows)
+                    computed[name] += len(items)
+                bar.update(len(jobs))
+        bar.close()
+    t_compute = time.perf_counter() - t1
+
+    if failed and strict:
+        i = min(failed)
+        raise StackvisionError(
+            f"bad image {paths[i]}: {failed[i]}",
+            "remove or replace it, or run without --strict to skip bad images",
+        )
+
+    # 4. Assemble the blocks for every usable image.
+    keep = [i for i in range(len(paths)) if i not in failed]
+    kept_hashes = [hashes[i] for i in keep]
+    blocks = {}
+    for s in specs:
+        per_view = []
+        for v in views:
+            got = stores[s.name].get_many(kept_hashes, v)
+            per_view.append(
+                np.stack([got[h] for h in kept_hashes])
+                if keep
+                else np.zeros((0, s.feature_dim), np.float32)
+            )
+        blocks[s.name] = np.stack(per_view, axis=1)
+    problems = [Problem(paths[i], failed[i]) for i in sorted(failed)]
+    n_new = len(need) - sum(1 for i in need if i in failed)
+    stats = {
+        "n_images": len(paths),
+        "n_used": len(keep),
+        "n_bad": len(failed),
+        "n_cached": n_cached,
+        "n_computed": n_new,
+        "computed_per_backbone": computed,
+        "hash_seconds": round(t_hash, 3),
+        "compute_seconds": round(t_compute, 3),
+        "images_per_second": round(n_new / t_compute, 2) if n_new and t_compute > 0 else None,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return Features(
+        paths=[paths[i] for i in keep],
+        index=np.asarray(keep, dtype=np.int64),
+        hashes=kept_hashes,
+        views=views,
+        blocks=blocks,
+        problems=problems,
+        stats=stats,
+    )
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"extract {desc}", unit="img", dynamic_ncols=True, smoothing=0.1)
