@@ -1,0 +1,249 @@
+"""Classifier heads on stacked features: ``logreg`` and ``mlp``.
+
+A head standardises its input with statistics of its own training rows, so each fold head is
+self-contained. State is a flat dict of float32 arrays plus a small JSON-able config, which is what
+the model directory stores (safetensors, no pickle).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+
+from .errors import StackvisionError
+
+HEADS = ("logreg", "mlp")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    w = len(y) / (n_classes * np.maximum(counts, 1))
+    return w.astype(np.float32)
+
+
+class _Head:
+    kind = ""
+    defaults: dict = {}
+
+    def __init__(self, **params):
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise StackvisionError(
+                f"unknown {self.kind} head parameter(s): {', '.join(sorted(unknown))}",
+                f"valid: {', '.join(sorted(self.defaults))}",
+            )
+        self.params = {**self.defaults, **params}
+        self.history: list[dict] = []
+        self.mean_: np.ndarray | None = None
+        self.scale_: np.ndarray | None = None
+
+    def _fit_scaler(self, X: np.ndarray) -> None:
+        self.mean_ = X.mean(axis=0).astype(np.float32)
+        self.scale_ = np.maximum(X.std(axis=0), 1e-6).astype(np.float32)
+
+    def _scale(self, X: np.ndarray) -> np.ndarray:
+        return ((X - self.mean_) / self.scale_).astype(np.float32)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return softmax(self.decision_function(X))
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "params": self.params}
+
+
+class LogRegHead(_Head):
+    """Multinomial logistic regression (L2, L-BFGS), on standardised features."""
+
+    kind = "logreg"
+    defaults = {"C": 0.05, "max_iter": 300}
+
+    def fit(self, X, y, n_classes, X_val=None, y_val=None, sample_weight=None, seed=0):
+        from sklearn.linear_model import LogisticRegression
+
+        self._fit_scaler(X)
+        clf = LogisticRegression(
+            C=float(self.params["C"]), max_iter=int(self.params["max_iter"]), tol=1e-4
+        )
+        clf.fit(self._scale(X), y, sample_weight=sample_weight)
+        # Classes absent from this fold's rows get a very low bias so they are never predicted.
+        W = np.zeros((n_classes, X.shape[1]), np.float32)
+        b = np.full(n_classes, -30.0, np.float32)
+        W[clf.classes_] = (
+            clf.coef_ if len(clf.classes_) > 2 else np.vstack([-clf.coef_, clf.coef_]) / 2
+        )
+        b[clf.classes_] = (
+            clf.intercept_
+            if len(clf.classes_) > 2
+            else np.array([-clf.intercept_[0], clf.intercept_[0]]) / 2
+        )
+        self.coef_, self.intercept_ = W, b
+        return self
+
+    def decision_function(self, X):
+        return self._scale(X) @ self.coef_.T + self.intercept_
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {
+            "mean": self.mean_,
+            "scale": self.scale_,
+            "weight": self.coef_,
+            "bias": self.intercept_,
+        }
+
+    def load_state(self, state):
+        self.mean_, self.scale_ = state["mean"], state["scale"]
+        self.coef_, self.intercept_ = state["weight"], state["bias"]
+        return self
+
+
+class MLPHead(_Head):
+    """Dense layer(s) with dropout; AdamW, early stopping on validation loss, reduce-LR-on-plateau,
+    best weights restored. ``history`` holds one dict per epoch."""
+
+    kind = "mlp"
+    defaults = {
+        "hidden": 512,
+        "dropout": 0.5,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "epochs": 100,
+        "batch_size": 128,
+        "patience": 8,
+        "lr_patience": 3,
+        "lr_factor": 0.3,
+        "label_smoothing": 0.0,
+    }
+
+    def _net(self, d_in, n_classes):
+        import torch.nn as nn
+
+        h = int(self.params["hidden"])
+        if h <= 0:
+            return nn.Sequential(
+                nn.Dropout(float(self.params["dropout"])), nn.Linear(d_in, n_classes)
+            )
+        return nn.Sequential(
+            nn.Dropout(float(self.params["dropout"]) / 2),
+            nn.Linear(d_in, h),
+            nn.ReLU(),
+            nn.Dropout(float(self.params["dropout"])),
+            nn.Linear(h, n_classes),
+        )
+
+    def fit(self, X, y, n_classes, X_val=None, y_val=None, sample_weight=None, seed=0):
+        import torch
+        import torch.nn.functional as F
+
+        if X_val is None or len(X_val) == 0:
+            raise StackvisionError(
+                "the mlp head needs validation data for early stopping",
+                "use --folds K, --val-split 0.1 or --val DATA",
+            )
+        p = self.params
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self._fit_scaler(X)
+        Xt, yt = torch.from_numpy(self._scale(X)), torch.from_numpy(y.astype(np.int64))
+        Xv, yv = torch.from_numpy(self._scale(X_val)), torch.from_numpy(y_val.astype(np.int64))
+        cw = (
+            None
+            if sample_weight is None
+            else torch.from_numpy(np.asarray(sample_weight, np.float32))
+        )
+        net = self._net(X.shape[1], n_classes)
+        opt = torch.optim.AdamW(
+            net.parameters(), lr=float(p["lr"]), weight_decay=float(p["weight_decay"])
+        )
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, factor=float(p["lr_factor"]), patience=int(p["lr_patience"])
+        )
+        best, best_state, bad = math.inf, None, 0
+        bs = int(p["batch_size"])
+        for epoch in range(int(p["epochs"])):
+            net.train()
+            perm = torch.randperm(len(Xt), generator=g)
+            tot, correct = 0.0, 0
+            for i in range(0, len(perm), bs):
+                idx = perm[i : i + bs]
+                out = net(Xt[idx])
+                loss_each = F.cross_entropy(
+                    out, yt[idx], reduction="none", label_smoothing=float(p["label_smoothing"])
+                )
+                loss = (
+                    (loss_each * cw[idx]).sum() / cw[idx].sum()
+                    if cw is not None
+                    else loss_each.mean()
+                )
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                tot += float(loss_each.sum())
+                correct += int((out.argmax(1) == yt[idx]).sum())
+            net.eval()
+            with torch.no_grad():
+                vout = net(Xv)
+                vloss = float(F.cross_entropy(vout, yv))
+                vacc = float((vout.argmax(1) == yv).float().mean())
+            lr = opt.param_groups[0]["lr"]
+            self.history.append(
+                {
+                    "epoch": epoch + 1,
+                    "loss": tot / len(Xt),
+                    "accuracy": correct / len(Xt),
+                    "val_loss": vloss,
+                    "val_accuracy": vacc,
+                    "lr": lr,
+                }
+            )
+            sched.step(vloss)
+            if vloss < best - 1e-4:
+                best, bad = vloss, 0
+                best_state = copy.deepcopy(net.state_dict())
+            else:
+                bad += 1
+                if bad > int(p["patience"]):
+                    break
+        net.load_state_dict(best_state)
+        self._layers = [
+            (m.weight.detach().numpy().copy(), m.bias.detach().numpy().copy())
+            for m in net
+            if isinstance(m, torch.nn.Linear)
+        ]
+        self.best_epoch = int(np.argmin([h["val_loss"] for h in self.history])) + 1
+        return self
+
+    def decision_function(self, X):
+        h = self._scale(X)
+        for k, (W, b) in enumerate(self._layers):
+            h = h @ W.T + b
+            if k < len(self._layers) - 1:
+                h = np.maximum(h, 0)
+        return h
+
+    def state(self):
+        out = {"mean": self.mean_, "scale": self.scale_}
+        for k, (W, b) in enumerate(self._layers):
+            out[f"layer{k}.weight"], out[f"layer{k}.bias"] = W, b
+        return out
+
+    def load_state(self, state):
+        self.mean_, self.scale_ = state["mean"], state["scale"]
+        n = sum(1 for k in state if k.endswith(".weight"))
+        self._layers = [(state[f"layer{k}.weight"], state[f"layer{k}.bias"]) for k in range(n)]
+        return self
+
+
+def make_head(kind: str, params: dict | None = None) -> _Head:
+    if kind == "logreg":
+        return LogRegHead(**(params or {}))
+    if kind == "mlp":
+        return MLPHead(**(params or {}))
+    raise StackvisionError(f"unknown head '{kind}'", f"use one of: {', '.join(HEADS)}")

@@ -1,0 +1,107 @@
+"""Splits, k-fold training with out-of-fold predictions, flip-TTA averaging and calibration.
+
+Features arrive as ``X`` of shape (N, n_views, D). Splits are made on images, never on views, so an
+image and its flip are always on the same side. With TTA, training rows are every view of every
+training image, and a prediction is the mean of the per-view probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .heads import balanced_weights, make_head, softmax
+
+
+def kfold_splits(y: np.ndarray, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import StratifiedKFold
+
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(skf.split(np.zeros(len(y)), y))
+
+
+def holdout_split(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    n_classes = len(np.unique(y))
+    n_val = max(n_classes, int(round(fraction * len(y))))
+    sss = StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
+    return next(sss.split(np.zeros(len(y)), y))
+
+
+def _rows(X: np.ndarray, idx: np.ndarray, n_views: int) -> np.ndarray:
+    return X[idx, :n_views].reshape(-1, X.shape[-1])
+
+
+def predict_views(head, X: np.ndarray, n_views: int) -> np.ndarray:
+    """Mean over the first ``n_views`` views of the head's probabilities: (N, C)."""
+    n, _, d = X.shape
+    p = head.predict_proba(X[:, :n_views].reshape(-1, d))
+    return p.reshape(n, n_views, -1).mean(axis=1)
+
+
+@dataclass
+class FoldResult:
+    heads: list = field(default_factory=list)
+    oof_proba: np.ndarray | None = None  # (N, C) for k-fold; val rows only for a hold-out
+    oof_index: np.ndarray | None = None  # rows of X that oof_proba covers
+    histories: list[list[dict]] = field(default_factory=list)
+
+
+def fit_head(kind, params, X, y, n_classes, train_idx, val_idx, n_views, class_weight=None, seed=0):
+    """Fit one head on ``train_idx`` (all used views), validating on ``val_idx`` (view-averaged)."""
+    Xtr = _rows(X, train_idx, n_views)
+    ytr = np.repeat(y[train_idx], n_views)
+    sw = None
+    if class_weight == "balanced":
+        sw = balanced_weights(ytr, n_classes)[ytr]
+    Xv = X[val_idx, 0] if val_idx is not None and len(val_idx) else None
+    yv = y[val_idx] if Xv is not None else None
+    head = make_head(kind, params)
+    head.fit(Xtr, ytr, n_classes, Xv, yv, sample_weight=sw, seed=seed)
+    return head
+
+
+def cross_validate(
+    kind, params, X, y, n_classes, splits, n_views, class_weight=None, seed=0
+) -> FoldResult:
+    """One head per split; out-of-fold probabilities for every validated row."""
+    res = FoldResult(oof_proba=np.zeros((len(y), n_classes), np.float64))
+    covered = np.zeros(len(y), bool)
+    for fi, (tr, va) in enumerate(splits):
+        head = fit_head(kind, params, X, y, n_classes, tr, va, n_views, class_weight, seed + fi)
+        res.heads.append(head)
+        res.histories.append(head.history)
+        res.oof_proba[va] = predict_views(head, X[va], n_views)
+        covered[va] = True
+    res.oof_index = np.flatnonzero(covered)
+    res.oof_proba = res.oof_proba[res.oof_index]
+    return res
+
+
+def ensemble_proba(heads, X: np.ndarray, n_views: int) -> np.ndarray:
+    """Mean of the probabilities of every head over every view (K heads x n_views)."""
+    return np.mean([predict_views(h, X, n_views) for h in heads], axis=0)
+
+
+def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
+    if temperature == 1.0:
+        return proba
+    return softmax(np.log(np.clip(proba, 1e-12, 1.0)) / temperature)
+
+
+def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T minimising the log loss of softmax(log p / T) on held-out predictions."""
+    from scipy.optimize import minimize_scalar
+
+    logp = np.log(np.clip(proba, 1e-12, 1.0))
+
+    def nll(log_t):
+        q = softmax(logp / np.exp(log_t))
+        return -np.mean(np.log(np.clip(q[np.arange(len(y)), y], 1e-12, 1.0)))
+
+    r = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    t = float(np.exp(r.x))
+    # Keep T=1 unless calibration really helps: avoids fitting noise on tiny validation sets.
+    return t if nll(np.log(t)) < nll(0.0) - 1e-6 else 1.0
