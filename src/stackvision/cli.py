@@ -125,8 +125,13 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
     sep = "  ".join("-" * w for w in widths)
+    numeric = [
+        all(isinstance(r.get(c), int | float) or r.get(c) is None for r in rows) for c in cols
+    ]
     body = [
-        "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
+        "  ".join(
+            v.rjust(w) if numeric[i] else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))
+        )
         for row in cells
     ]
     return "\n".join([line, sep, *body])
@@ -592,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     except StackvisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `stackvision predict ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(
             "interrupted: finished batches are in the feature cache; run the same command again to resume",
