@@ -317,20 +317,9 @@ def cmd_train(args) -> int:
 
 def load_any_model(path: str, args):
     """Load a model directory of any kind, with the runtime options from ``args``."""
-    from .model_dir import read_manifest
+    from .models import load_model
 
-    kind = read_manifest(path).get("kind", "stack")
-    rt = _runtime(args)
-    if kind == "stack":
-        from .classifier import StackedClassifier
-
-        return StackedClassifier.load(
-            path, weights=dict(getattr(args, "weights", None) or []), **rt
-        )
-    raise StackvisionError(
-        f"{path} holds a model of kind '{kind}' that this stackvision cannot load",
-        "upgrade stackvision",
-    )
+    return load_model(path, weights=dict(getattr(args, "weights", None) or []), **_runtime(args))
 
 
 def cmd_predict(args) -> int:
