@@ -1,0 +1,98 @@
+"""Decoding: every format and pixel mode the issue names becomes RGB uint8; bad files are reported."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stackvision.images import ImageDecodeError, decode, load_rgb
+from stackvision.preprocess import Preprocess
+
+from .conftest import WOOF, synthetic_image
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_formats_decode_to_rgb(fmt):
+    img = decode(_encode(synthetic_image((40, 30)), fmt), f"x.{fmt.lower()}")
+    assert img.mode == "RGB" and img.size == (40, 30)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "1"])
+def test_pixel_modes_become_rgb(mode):
+    fmt = "TIFF" if mode == "CMYK" else "PNG"
+    img = decode(_encode(synthetic_image((20, 10), mode=mode), fmt))
+    assert img.mode == "RGB" and img.size == (20, 10)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped():
+    arr = np.linspace(0, 65535, 64 * 8, dtype=np.uint16).reshape(8, 64)
+    img = decode(_encode(Image.fromarray(arr), "PNG"))
+    out = np.asarray(img)
+    assert img.mode == "RGB"
+    assert out.min() == 0 and out.max() == 255
+    assert 100 < out[:, 32].mean() < 155  # the middle of the range stays in the middle
+
+
+def test_alpha_is_composited_on_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    assert np.asarray(decode(_encode(rgba, "PNG")))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    px = np.asarray(decode(buf.getvalue()))[0, 0]
+    assert px[0] > 200 and px[2] < 50
+
+
+def test_exif_orientation_is_applied():
+    img = synthetic_image((60, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    out = decode(_encode(img, "JPEG", exif=exif.tobytes()))
+    assert out.size == (20, 60)
+
+
+def test_draft_mode_shrinks_large_jpegs_but_keeps_enough_pixels():
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8))
+    data = _encode(big, "JPEG")
+    full = decode(data)
+    small = decode(data, min_side=256)
+    assert full.size == (2000, 1500)
+    assert small.size[0] < 2000 and min(small.size) >= 256
+
+
+def test_draft_mode_gives_nearly_the_same_preprocessed_pixels():
+    path = sorted((WOOF / "val" / "n02099601").iterdir())[0]
+    pp = Preprocess(input_size=64, crop_pct=1.0)
+    a = pp.to_uint8(load_rgb(str(path))).astype(int)
+    b = pp.to_uint8(load_rgb(str(path), min_side=pp.resize_size)).astype(int)
+    assert np.abs(a - b).mean() < 4
+
+
+def test_bad_files_have_reasons(tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not an image")
+    trunc = tmp_path / "trunc.jpg"
+    trunc.write_bytes(_encode(synthetic_image((300, 300)), "JPEG")[:2000])
+    reasons = {}
+    for p in (empty, text, trunc, tmp_path / "missing.jpg"):
+        with pytest.raises(ImageDecodeError) as exc:
+            load_rgb(str(p))
+        reasons[p.name] = exc.value.reason
+    assert "empty" in reasons["empty.jpg"]
+    assert "not an image" in reasons["notes.jpg"]
+    assert "truncated" in reasons["trunc.jpg"]
+    assert "not found" in reasons["missing.jpg"]
