@@ -64,7 +64,9 @@ def test_exif_orientation_is_applied():
 
 
 def test_draft_mode_shrinks_large_jpegs_but_keeps_enough_pixels():
-    big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8))
+    big = Image.fromarray(
+        np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8)
+    )
     data = _encode(big, "JPEG")
     full = decode(data)
     small = decode(data, min_side=256)
