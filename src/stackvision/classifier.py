@@ -308,6 +308,8 @@ class StackedClassifier:
         return pred.proba
 
     def predict(self, X: Sequence[str]) -> np.ndarray:
+        """Predicted class name of each image in ``X``."""
+        self._check_fitted()
         return np.asarray(self.classes_, dtype=object)[self.predict_proba(X).argmax(axis=1)]
 
     def score(self, X: Sequence[str], y: Sequence) -> float:

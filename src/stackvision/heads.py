@@ -185,7 +185,7 @@ class MLPHead(_Head):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                tot += float(loss_each.sum())
+                tot += float(loss_each.detach().sum())
                 correct += int((out.argmax(1) == yt[idx]).sum())
             net.eval()
             with torch.no_grad():
