@@ -105,7 +105,8 @@ class FeatureCache:
     """The set of feature stores under one root directory."""
 
     def __init__(self, root: str | None = None):
-        self.root = os.path.join(root or default_cache_dir(), CACHE_FORMAT)
+        self.base = root or default_cache_dir()
+        self.root = os.path.join(self.base, CACHE_FORMAT)
         self._stores: dict[str, FeatureStore] = {}
 
     def store(self, fields: dict, dim: int) -> FeatureStore:

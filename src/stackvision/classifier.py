@@ -77,7 +77,7 @@ class StackedClassifier:
         calibrate: bool = True,
         weights: dict[str, str] | None = None,
         cache_dir: str | None = None,
-        engine: str = "torch",
+        engine: str = "auto",
         precision: str = "fp32",
         device: str = "auto",
         batch_size: int = 32,

@@ -45,7 +45,11 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
         help="auto (GPU when torch sees one), cpu, cuda, cuda:N (default: auto)",
     )
     g.add_argument(
-        "--engine", default="torch", help="inference engine for the backbones (default: torch)"
+        "--engine",
+        default="auto",
+        choices=["auto", "torch", "onnx", "openvino"],
+        help="inference engine: auto = torch on a GPU, else the fastest CPU engine installed "
+        "(openvino, onnx, torch) (default: auto)",
     )
     g.add_argument(
         "--precision",

@@ -74,7 +74,7 @@ def extract(
     views: Sequence[str] = ("orig",),
     pool: str = "avg",
     cache: FeatureCache | None = None,
-    engine: str = "torch",
+    engine: str = "auto",
     precision: str = "fp32",
     device: str = "auto",
     batch_size: int = 32,
@@ -124,7 +124,14 @@ def extract(
     if need:
         active = [s for s in specs if todo[s.name]]
         engines = {
-            s.name: create_engine(s, pool=pool, engine=engine, device=device, precision=precision)
+            s.name: create_engine(
+                s,
+                pool=pool,
+                engine=engine,
+                device=device,
+                precision=precision,
+                cache_dir=cache.base,
+            )
             for s in active
         }
         batches = [need[i : i + batch_size] for i in range(0, len(need), batch_size)]

@@ -49,7 +49,9 @@ class FoldResult:
     histories: list[list[dict]] = field(default_factory=list)
 
 
-def fit_head(kind, params, X, y, n_classes, train_idx, val_idx, n_views, class_weight=None, seed=0):
+def fit_head(
+    kind, params, X, y, n_classes, train_idx, val_idx, n_views, class_weight=None, seed=0, init=None
+):
     """Fit one head on ``train_idx`` (all used views), validating on ``val_idx`` (view-averaged)."""
     Xtr = _rows(X, train_idx, n_views)
     ytr = np.repeat(y[train_idx], n_views)
@@ -59,7 +61,7 @@ def fit_head(kind, params, X, y, n_classes, train_idx, val_idx, n_views, class_w
     Xv = X[val_idx, 0] if val_idx is not None and len(val_idx) else None
     yv = y[val_idx] if Xv is not None else None
     head = make_head(kind, params)
-    head.fit(Xtr, ytr, n_classes, Xv, yv, sample_weight=sw, seed=seed)
+    head.fit(Xtr, ytr, n_classes, Xv, yv, sample_weight=sw, seed=seed, init=init)
     return head
 
 
@@ -70,7 +72,19 @@ def cross_validate(
     res = FoldResult(oof_proba=np.zeros((len(y), n_classes), np.float64))
     covered = np.zeros(len(y), bool)
     for fi, (tr, va) in enumerate(splits):
-        head = fit_head(kind, params, X, y, n_classes, tr, va, n_views, class_weight, seed + fi)
+        head = fit_head(
+            kind,
+            params,
+            X,
+            y,
+            n_classes,
+            tr,
+            va,
+            n_views,
+            class_weight,
+            seed + fi,
+            init=res.heads[-1] if res.heads else None,
+        )
         res.heads.append(head)
         res.histories.append(head.history)
         res.oof_proba[va] = predict_views(head, X[va], n_views)

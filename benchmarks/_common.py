@@ -1,0 +1,68 @@
+"""Shared bits of the benchmarks: machine description and writing a section of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()
+    except Exception:
+        model = platform.processor() or "unknown CPU"
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU"
+        if not _gpu()
+        else f"{model}, {os.cpu_count()} cores, GPU {_gpu()}"
+    )
+
+
+def _gpu() -> str | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def today() -> str:
+    return dt.date.today().isoformat()
+
+
+def write_section(name: str, body: str, path: str | None = None) -> str:
+    """Replace (or append) the section between markers ``<!-- name -->`` in BENCHMARKS.md."""
+    path = path or os.path.join(ROOT, "BENCHMARKS.md")
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = "# Benchmarks\n\n"
+    if os.path.exists(path):
+        with open(path) as fh:
+            text = fh.read()
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def md_table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
