@@ -227,6 +227,7 @@ def main(argv=None) -> None:
 
     from stackvision.engines import Calibration, create_engine, resolve_engine
 
+    load_start = os.getloadavg()[0]
     torch.set_num_threads(os.cpu_count() or 1)  # the plain way uses torch's default, all cores
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
     paths = image_list(args.n_images)
@@ -355,7 +356,9 @@ def main(argv=None) -> None:
         "",
         f"{len(paths)} imagewoof val images, batch {args.batch_size}, {args.rounds} round(s) "
         f"alternating plain / fp32 / int8 (median). Stackvision engine: `{args.engine}` -> "
-        f"{picked}, int8 -> {picked8}. Inception v3 is at random init (timing only).",
+        f"{picked}, int8 -> {picked8}. Inception v3 is at random init (timing only). "
+        f"1-min load average at start / end: {load_start:.1f} / {os.getloadavg()[0]:.1f} "
+        f"(anything above ~0.2 means other jobs shared the {os.cpu_count()} cores).",
         "",
         "### End to end (decode + model + cache writes), images/s",
         "",
