@@ -160,3 +160,27 @@ def test_parameters_are_validated_at_fit(woof_train, cache_dir):
             )
     with pytest.raises(StackvisionError, match="not fitted"):
         StackedClassifier().predict(X)
+
+
+def test_compare_table_shows_backbones_flips_and_fold_ensemble(woof_train, woof_val, cache_dir):
+    from stackvision.compare import compare_table
+
+    X, y = _data(woof_train)
+    Xv, yv = _data(woof_val)
+    m = StackedClassifier(["lite0", "lite1"], folds=2, tta="flip", cache_dir=cache_dir).fit(
+        X, y, val=(Xv, yv)
+    )
+    rows = compare_table(m)
+    keys = [(r["model"], r["views"], r["heads"]) for r in rows]
+    assert keys == [
+        ("lite0", "orig", "2 folds"),
+        ("lite0", "orig+flip", "2 folds"),
+        ("lite1", "orig", "2 folds"),
+        ("lite1", "orig+flip", "2 folds"),
+        ("lite0+lite1 (stack)", "orig", "2 folds"),
+        ("lite0+lite1 (stack)", "orig+flip", "2 folds"),
+        ("lite0+lite1 (stack)", "orig+flip", "fold 1 alone"),
+    ]
+    assert all(0 <= r["val_log_loss"] < 2 and r["val_accuracy"] > 0.5 for r in rows), rows
+    # the last ensemble row is the real model: same numbers as its hold-out metrics
+    assert rows[-2]["val_log_loss"] == pytest.approx(m.metrics_["holdout"]["log_loss"], rel=1e-5)

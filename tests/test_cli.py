@@ -65,6 +65,7 @@ def test_train_writes_model_metrics_and_report(trained):
     assert "Most confident mistakes" in report
     rows = json.loads((trained / "compare.json").read_text())
     assert [(r["model"], r["views"]) for r in rows] == [("lite0", "orig"), ("lite0", "orig+flip")]
+    assert all(0.5 < r["cv_accuracy"] <= 1 and r["cv_log_loss"] > 0 for r in rows)
 
 
 def test_predict_topk_and_kaggle_formats(trained, woof_val, cache_dir, tmp_path):

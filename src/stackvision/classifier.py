@@ -267,6 +267,7 @@ class StackedClassifier:
                 self.temperature_ = 1.0
                 self.metrics_ = None
         self._features_cache, self._feature_y = feats, yk_all
+        self._val_data = (val_feats, vyk) if val_feats is not None else None
         return self
 
     # ------------------------------------------------------------------ predict

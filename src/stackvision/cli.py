@@ -302,7 +302,25 @@ def cmd_train(args) -> int:
 
         table = compare_table(model)
         _say(args, "\ncomparison (same splits, calibrated):")
-        _say(args, _table(table, ["model", "views", "accuracy", "top5_accuracy", "log_loss"]))
+        _say(
+            args,
+            _table(
+                table,
+                [
+                    c
+                    for c in (
+                        "model",
+                        "views",
+                        "heads",
+                        "cv_accuracy",
+                        "cv_log_loss",
+                        "val_accuracy",
+                        "val_log_loss",
+                    )
+                    if any(c in r for r in table)
+                ],
+            ),
+        )
         from .model_dir import write_json
 
         write_json(os.path.join(path, "compare.json"), table)
