@@ -353,19 +353,14 @@ class StackedClassifier:
             x = resize_uint8(batch, spec.preprocess.input_size)
             if spec.preprocess.channel_order == "BGR":
                 x = x[..., ::-1]
-            views = [x, x[:, :, ::-1]][: self.n_views_]
-            feats = [
-                np.concatenate(
-                    [
-                        engines[spec.name].features(np.ascontiguousarray(v[i : i + self.batch_size]))
-                        for i in range(0, len(v), self.batch_size)
-                    ]
-                )
-                if len(v)
-                else np.zeros((0, spec.feature_dim), np.float32)
-                for v in views
-            ]
-            blocks.append(np.stack(feats, axis=1))
+            eng, bs = engines[spec.name], self.batch_size
+            feats = []
+            for v in [x, x[:, :, ::-1]][: self.n_views_]:
+                parts = [
+                    eng.features(np.ascontiguousarray(v[i : i + bs])) for i in range(0, len(v), bs)
+                ]
+                feats.append(np.concatenate(parts) if parts else np.zeros((0, spec.feature_dim)))
+            blocks.append(np.stack(feats, axis=1).astype(np.float32))
         return self.predict_features(np.concatenate(blocks, axis=-1))
 
     def to_torch_module(self):

@@ -239,7 +239,8 @@ def _torch_module_class():
             for h, n_layers in enumerate(self._heads):
                 z = (f - getattr(self, f"h{h}_mean")) / getattr(self, f"h{h}_scale")
                 for i in range(n_layers):
-                    z = torch.matmul(z, getattr(self, f"h{h}_w{i}").t()) + getattr(self, f"h{h}_b{i}")
+                    w, b = getattr(self, f"h{h}_w{i}"), getattr(self, f"h{h}_b{i}")
+                    z = torch.matmul(z, w.t()) + b
                     if i < n_layers - 1:
                         z = torch.relu(z)
                 p = torch.softmax(z, dim=1)
@@ -336,9 +337,7 @@ def export_onnx(
     if check:
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(
-            proto.SerializeToString(), providers=["CPUExecutionProvider"]
-        )
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         got = sess.run(None, {"image": x})[0]
         with torch.no_grad():
             want = module(xt).numpy()
@@ -362,5 +361,7 @@ def export_onnx(
 
 def export_model(model, out: str, fmt: str = "onnx", **kwargs) -> dict:
     if fmt not in FORMATS:
-        raise StackvisionError(f"unknown export format '{fmt}'", f"use one of: {', '.join(FORMATS)}")
+        raise StackvisionError(
+            f"unknown export format '{fmt}'", f"use one of: {', '.join(FORMATS)}"
+        )
     return export_onnx(model, out, **kwargs)
