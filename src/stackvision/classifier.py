@@ -348,7 +348,11 @@ class StackedClassifier:
         for spec in self.specs_:
             if spec.name not in engines:
                 engines[spec.name] = create_engine(
-                    spec, self.pool, self.engine, self.device, self.precision
+                    spec,
+                    pool=self.pool,
+                    engine=self.engine,
+                    device=self.device,
+                    precision=self.precision,
                 )
             x = resize_uint8(batch, spec.preprocess.input_size)
             if spec.preprocess.channel_order == "BGR":
