@@ -53,8 +53,10 @@ class Server:
         self.log = log
         cmd = [sys.executable, "-m", "stackvision.cli", "serve", str(model)]
         cmd += ["--port", str(self.port), "--log-level", "warning", "--device", "cpu", *args]
-        self._fh = open(log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=child_env())
+        self._fh = open(log, "wb")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=child_env()
+        )
         deadline = time.monotonic() + startup_timeout
         while True:
             if self.proc.poll() is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,7 +124,7 @@ def test_prepare_image_from_path_bytes_and_pil_agree(woof_val, tiny_model, cache
     model = load_model(str(tiny_model), cache_dir=cache_dir)
     path = images_of(woof_val)[0]
     a = prepare_image(path, model)
-    b = prepare_image(open(path, "rb").read(), model)
+    b = prepare_image(Path(path).read_bytes(), model)
     assert a.shape == (224, 224, 3) and (a == b).all()
     c = prepare_image(Image.open(path).convert("RGB"), model.input_preprocess())
     assert c.shape == a.shape  # full decode instead of JPEG draft: close, not bit-equal
