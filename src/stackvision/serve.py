@@ -15,7 +15,6 @@ forward pass for all of them in the inference thread; concurrent requests theref
 passes instead of each paying for its own.
 """
 
-
 import asyncio
 import base64
 import binascii
@@ -28,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import resources
+from urllib.parse import quote
 
 import numpy as np
 
@@ -578,7 +578,14 @@ def create_app(
             raise ApiError(400, "no images in the request", "send at least one image")
         arrays = [await run_in_threadpool(_prepare, name, data) for name, data in images]
         t1 = time.perf_counter()
-        probas = await asyncio.gather(*(batcher.submit(a) for a in arrays))
+        try:
+            probas = await asyncio.gather(*(batcher.submit(a) for a in arrays))
+        except Exception as exc:  # a bug or a broken model, not the client's fault
+            counters["server_errors"] += 1
+            return JSONResponse(
+                {"error": f"inference failed: {exc}", "fix": "see the server log", "status": 500},
+                status_code=500,
+            )
         k = min(top_k, len(classes))
         preds = []
         for (name, _), p in zip(images, probas):
@@ -631,7 +638,7 @@ def create_app(
     @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_key)])
     async def docs(request: Request):
         q = request.query_params.get("api_key")
-        url = "/openapi.json" + (f"?api_key={q}" if q else "")
+        url = "/openapi.json" + (f"?api_key={quote(q, safe='')}" if q else "")
         return get_swagger_ui_html(openapi_url=url, title="stackvision API")
 
     page = resources.files("stackvision").joinpath("static/index.html").read_text("utf-8")
