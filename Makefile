@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision pinned to the builds on this machine's disk (see DEVELOPERS.md).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint format bench clean
+.PHONY: install install-browser test lint format bench bench-serve clean
 
 install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,6 +13,21 @@ install:
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[fast,serve,dev]'
 	$(BIN)/stackvision --version
+	$(MAKE) install-browser
+
+# Headless Chromium for tests/test_web.py (Debian packages). Never fails the install: without apt
+# or root the web test skips and says why.
+install-browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		echo "chromium and chromedriver present"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+		( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		  $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null ) \
+		|| echo "warning: could not install chromium/chromium-driver; tests/test_web.py will skip"; \
+	else \
+		echo "warning: no apt-get; install chromium + chromedriver to run tests/test_web.py"; \
+	fi
 
 test:
 	$(BIN)/python -m pytest -q
@@ -27,6 +42,9 @@ format:
 
 bench:
 	$(BIN)/python benchmarks/accuracy.py
+
+bench-serve:
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -317,6 +317,89 @@ class StackedClassifier:
         """Mean accuracy on images ``X`` with labels ``y``."""
         return float(np.mean(self.predict(X) == np.asarray([str(v) for v in y], dtype=object)))
 
+    # ------------------------------------------------------------------ fixed-size input (export, serving)
+    def input_preprocess(self):
+        """The preprocessing that makes the uint8 input of :meth:`predict_proba_uint8`, ONNX export
+        and serving: that of the backbone with the largest input size (RGB order).
+
+        Smaller backbones get their own size from that input inside the model, by a fixed
+        antialiased resize (see :func:`stackvision.export.resize_uint8`).
+        """
+        self._check_fitted()
+        from dataclasses import replace
+
+        big = max(self.specs_, key=lambda s: s.preprocess.input_size)
+        return replace(big.preprocess, channel_order="RGB")
+
+    def predict_proba_uint8(self, batch: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities for a uint8 RGB batch (N, S, S, 3) made by
+        :func:`stackvision.export.prepare_image` (S = ``input_preprocess().input_size``).
+
+        Runs the same engines and heads as :meth:`predict_paths`, without the feature cache.
+        """
+        from .engines import create_engine
+        from .export import check_uint8_batch, resize_uint8
+
+        self._check_fitted()
+        batch = check_uint8_batch(batch, self.input_preprocess().input_size)
+        engines = getattr(self, "_engines", None)
+        if engines is None:
+            engines = self._engines = {}
+        blocks = []
+        for spec in self.specs_:
+            if spec.name not in engines:
+                engines[spec.name] = create_engine(
+                    spec,
+                    pool=self.pool,
+                    engine=self.engine,
+                    device=self.device,
+                    precision=self.precision,
+                )
+            x = resize_uint8(batch, spec.preprocess.input_size)
+            if spec.preprocess.channel_order == "BGR":
+                x = x[..., ::-1]
+            eng, bs = engines[spec.name], self.batch_size
+            feats = []
+            for v in [x, x[:, :, ::-1]][: self.n_views_]:
+                parts = [
+                    eng.features(np.ascontiguousarray(v[i : i + bs])) for i in range(0, len(v), bs)
+                ]
+                feats.append(np.concatenate(parts) if parts else np.zeros((0, spec.feature_dim)))
+            blocks.append(np.stack(feats, axis=1).astype(np.float32))
+        return self.predict_features(np.concatenate(blocks, axis=-1))
+
+    def to_torch_module(self):
+        """One ``torch.nn.Module``: uint8 RGB NHWC batch at ``input_preprocess()`` size ->
+        calibrated class probabilities (backbones, heads, fold averaging, flip TTA, temperature).
+        This is what :mod:`stackvision.export` exports."""
+        from .backbones import build_model
+        from .export import StackModule
+
+        self._check_fitted()
+        return StackModule(
+            [(spec, build_model(spec, self.pool)) for spec in self.specs_],
+            [h.state() for h in self.heads_],
+            n_views=self.n_views_,
+            temperature=self.temperature_,
+            input_size=self.input_preprocess().input_size,
+        )
+
+    def describe(self) -> dict:
+        """What serving shows at GET /model: kind, classes, backbones, head, metrics, versions."""
+        manifest = getattr(self, "manifest_", None) or self._manifest()
+        return {
+            "kind": "stack",
+            "classes": list(self.classes_),
+            "backbones": [s.to_dict() for s in self.specs_],
+            "head": manifest.get("head"),
+            "folds": manifest.get("folds"),
+            "tta": manifest.get("tta"),
+            "temperature": self.temperature_,
+            "metrics": manifest.get("metrics"),
+            "created": manifest.get("created"),
+            "stackvision_version": manifest.get("stackvision_version"),
+        }
+
     # ------------------------------------------------------------------ persistence
     def _manifest(self) -> dict:
         counts = Counter(self.classes_[i] for i in self.train_y_)

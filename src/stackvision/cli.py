@@ -433,6 +433,84 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+# Runtime settings for verbs without the runtime options (export builds on the CPU).
+_NO_RUNTIME = {
+    "cache": None,
+    "device": "cpu",
+    "engine": "torch",
+    "precision": "fp32",
+    "batch_size": 32,
+    "workers": None,
+    "strict": False,
+    "quiet": True,
+}
+
+
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    model = load_any_model(args.model, args)
+    t0 = time.perf_counter()
+    info = export_model(model, args.out, args.format, opset=args.opset, check=not args.no_check)
+    inp = info["input"]
+    print(
+        f"wrote {info['path']} ({info['bytes'] / 1e6:.1f} MB, opset {info['opset']}, "
+        f"{info['n_classes']} classes) in {time.perf_counter() - t0:.1f} s"
+    )
+    print(f"input 'image': uint8 (N, {inp['size']}, {inp['size']}, 3) RGB; {inp['recipe']}")
+    print(
+        "output 'probabilities': float32 (N, n_classes); class names in metadata stackvision.classes"
+    )
+    if "max_abs_diff" in info:
+        print(f"check: ONNX Runtime vs torch, max |diff| {info['max_abs_diff']:.1e}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import API_KEY_ENV, LOOPBACK, Limits, serve
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    for name in ("max_batch", "max_images", "max_pixels"):
+        if getattr(args, name) < 1:
+            raise StackvisionError(
+                f"--{name.replace('_', '-')} must be at least 1", "e.g. the default"
+            )
+    if args.max_upload_mb <= 0 or args.max_wait_ms < 0:
+        raise StackvisionError(
+            "--max-upload-mb must be positive and --max-wait-ms not negative", "e.g. the defaults"
+        )
+    if args.host not in LOOPBACK and not api_key:
+        print(
+            f"warning: serving on {args.host} without an API key: anyone who can reach this "
+            f"address can use the model (set --api-key or {API_KEY_ENV})",
+            file=sys.stderr,
+        )
+    limits = Limits(
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_images=args.max_images,
+    )
+    print(
+        f"serving {args.model} on http://{args.host}:{args.port}/ (API docs: /docs"
+        f"{', API key required' if api_key else ''})",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        limits=limits,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        log_level=args.log_level,
+        weights=dict(args.weights or []),
+        device=args.device,
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .backbones import DEFAULT_STACK
@@ -597,6 +675,84 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_runtime_options(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser(
+        "export",
+        help="export a model to ONNX",
+        description="Export a model to one self-contained ONNX file: uint8 RGB images "
+        "(N, S, S, 3) -> class probabilities, backbones, heads, fold averaging, flip TTA and "
+        "calibration inside; class names and the input contract in its metadata.",
+    )
+    ex.add_argument("model", metavar="MODEL", help="model directory")
+    ex.add_argument("--format", default="onnx", choices=["onnx"], help="(default: onnx)")
+    ex.add_argument("--out", required=True, metavar="FILE", help="file to write, e.g. model.onnx")
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    ex.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip running the file in ONNX Runtime against the torch model",
+    )
+    ex.add_argument(
+        "--weights",
+        action="append",
+        type=_kv,
+        metavar="NAME=PATH",
+        help="local checkpoint for a backbone (repeatable)",
+    )
+    ex.set_defaults(func=cmd_export, **_NO_RUNTIME)
+
+    sv = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP (JSON API and a web page)",
+        description="Serve a model over HTTP: POST /predict, GET /model, GET /health, a web page "
+        "at / and OpenAPI docs at /docs. Concurrent requests are batched together.",
+    )
+    sv.add_argument("model", metavar="MODEL", help="model directory")
+    sv.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)"
+    )
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument(
+        "--api-key",
+        help="require this key (X-API-Key header) on every route but /health "
+        "(default: $STACKVISION_API_KEY; none when unset)",
+    )
+    sv.add_argument(
+        "--max-batch", type=int, default=32, help="most images per forward pass (default: 32)"
+    )
+    sv.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more requests (default: 5)",
+    )
+    sv.add_argument(
+        "--max-upload-mb", type=float, default=10.0, help="largest image file (default: 10)"
+    )
+    sv.add_argument(
+        "--max-pixels",
+        type=int,
+        default=40_000_000,
+        help="largest image, width x height (default: 40000000)",
+    )
+    sv.add_argument(
+        "--max-images", type=int, default=16, help="most images per request (default: 16)"
+    )
+    sv.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level (default: info)",
+    )
+    sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    sv.add_argument(
+        "--weights",
+        action="append",
+        type=_kv,
+        metavar="NAME=PATH",
+        help="local checkpoint for a backbone (repeatable)",
+    )
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -1,0 +1,367 @@
+"""ONNX export: one self-contained graph from a uint8 RGB image batch to class probabilities.
+
+The input contract (also written into the ONNX metadata as ``stackvision.input``):
+
+* ``image``: uint8, shape (N, S, S, 3), RGB, NHWC. S is the model's input size: the largest input
+  size among its backbones (``model.input_preprocess().input_size``).
+* The image is made by :func:`prepare_image`: decode to RGB (EXIF orientation applied), resize the
+  short side to ``floor(S / crop_pct)`` with the named PIL interpolation, centre-crop S x S.
+* Inside the graph every backbone whose own input size s is smaller than S gets an s x s copy made
+  by a fixed antialiased separable resize (PIL-style bicubic weights as constant float64 matrices,
+  rounded back to 0..255, :func:`resize_uint8`), then its own mean/std normalisation. Flip TTA, every fold
+  head, fold averaging and temperature scaling follow; the output ``probabilities`` (N, C) is in the
+  order of the class names in the metadata (``stackvision.classes``).
+
+Every model kind that exports provides ``input_preprocess()`` (the :class:`Preprocess` of its
+input) and ``to_torch_module()`` (an ``nn.Module`` mapping the uint8 batch to probabilities);
+:func:`export_onnx` only calls those two, so feature stacks, fine-tuned models and ensembles all
+go through the same code. ``predict_proba_uint8(batch)`` on the model gives the library's own
+answer for the same input, which is what the exported graph is checked against.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import tempfile
+import warnings
+
+import numpy as np
+
+from . import __version__
+from .errors import StackvisionError
+from .preprocess import Preprocess
+
+FORMATS = ("onnx",)
+DEFAULT_OPSET = 17
+
+
+# ---------------------------------------------------------------------- the input contract
+def _preprocess_of(model_or_pp) -> Preprocess:
+    if isinstance(model_or_pp, Preprocess):
+        return model_or_pp
+    fn = getattr(model_or_pp, "input_preprocess", None)
+    if fn is None:
+        raise StackvisionError(
+            f"a {type(model_or_pp).__name__} has no fixed-size input (no input_preprocess())",
+            "pass a stackvision model or a Preprocess",
+        )
+    return fn()
+
+
+def prepare_image(image, model_or_pp) -> np.ndarray:
+    """The uint8 (S, S, 3) RGB array a model's ONNX graph (and the server) expects.
+
+    ``image``: a file path, encoded bytes, or a PIL image. ``model_or_pp``: a model (its
+    ``input_preprocess()``) or a :class:`Preprocess`. Raises :class:`ImageDecodeError` for an
+    unreadable image.
+    """
+    from PIL import Image
+
+    from .images import decode, load_rgb
+
+    pp = _preprocess_of(model_or_pp)
+    if pp.channel_order != "RGB":
+        from dataclasses import replace
+
+        pp = replace(pp, channel_order="RGB")
+    if isinstance(image, Image.Image):
+        img = image if image.mode == "RGB" else image.convert("RGB")
+    elif isinstance(image, bytes | bytearray | memoryview):
+        img = decode(bytes(image), min_side=pp.resize_size)
+    else:
+        img = load_rgb(os.fspath(image), min_side=pp.resize_size)
+    return pp.to_uint8(img)
+
+
+def prepare_images(images, model_or_pp) -> np.ndarray:
+    """:func:`prepare_image` for several images, stacked into (N, S, S, 3) uint8."""
+    pp = _preprocess_of(model_or_pp)
+    arrs = [prepare_image(im, pp) for im in images]
+    if not arrs:
+        return np.zeros((0, pp.input_size, pp.input_size, 3), np.uint8)
+    return np.stack(arrs)
+
+
+def check_uint8_batch(batch, size: int) -> np.ndarray:
+    batch = np.asarray(batch)
+    if batch.ndim == 3:
+        batch = batch[None]
+    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
+        raise StackvisionError(
+            f"expected a uint8 batch of shape (N, {size}, {size}, 3), "
+            f"got {batch.dtype} {tuple(batch.shape)}",
+            "make it with stackvision.export.prepare_images(images, model)",
+        )
+    return batch
+
+
+def _filter(kind: str):
+    if kind == "bilinear":
+        return 1.0, lambda x: np.maximum(0.0, 1.0 - np.abs(x))
+    if kind == "nearest":  # treated as box
+        return 0.5, lambda x: ((x >= -0.5) & (x < 0.5)).astype(np.float64)
+
+    def cubic(x, a=-0.5):  # PIL's bicubic kernel
+        x = np.abs(x)
+        return np.where(
+            x < 1,
+            ((a + 2) * x - (a + 3)) * x * x + 1,
+            np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0),
+        )
+
+    return 2.0, cubic
+
+
+@functools.lru_cache(maxsize=32)
+def resize_matrix(src: int, dst: int, interpolation: str = "bicubic") -> np.ndarray:
+    """(dst, src) float64 matrix of an antialiased 1-D resize (PIL's coefficient scheme)."""
+    support, fn = _filter(interpolation)
+    scale = src / dst
+    fscale = max(scale, 1.0)
+    support *= fscale
+    m = np.zeros((dst, src), np.float64)
+    for i in range(dst):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), src)
+        j = np.arange(lo, hi)
+        w = fn((j - center + 0.5) / fscale)
+        total = w.sum()
+        m[i, lo:hi] = w / total if total else 0.0
+    m.setflags(write=False)
+    return m
+
+
+def resize_uint8(batch: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Resize a uint8 NHWC batch of S x S images to ``size`` x ``size`` exactly as the exported
+    graph does (float64 matrix products, so both agree to the last bit; rounded half to even,
+    clipped to 0..255)."""
+    s = batch.shape[1]
+    if s == size:
+        return batch
+    m = resize_matrix(s, size, interpolation)
+    x = batch.transpose(0, 3, 1, 2).astype(np.float64)  # NCHW
+    y = np.matmul(np.matmul(m, x), m.T)
+    y = np.clip(np.round(y), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(y.transpose(0, 2, 3, 1))
+
+
+def input_contract(model) -> dict:
+    pp = _preprocess_of(model)
+    return {
+        "name": "image",
+        "dtype": "uint8",
+        "layout": "NHWC",
+        "shape": ["N", pp.input_size, pp.input_size, 3],
+        "channel_order": "RGB",
+        "size": pp.input_size,
+        "resize_short_side": pp.resize_size,
+        "crop": "center" if pp.crop_mode == "center" else "squash",
+        "interpolation": pp.interpolation,
+        "recipe": (
+            f"decode to RGB (EXIF orientation applied); resize the short side to {pp.resize_size} "
+            f"px ({pp.interpolation}); centre-crop {pp.input_size}x{pp.input_size}; "
+            "stackvision.export.prepare_image does exactly this"
+            if pp.crop_mode == "center"
+            else f"decode to RGB; resize to {pp.resize_size}x{pp.resize_size}; centre-crop "
+            f"{pp.input_size}x{pp.input_size}"
+        ),
+        "output": "probabilities: float32 (N, n_classes), classes in stackvision.classes order",
+    }
+
+
+# ---------------------------------------------------------------------- the torch module
+def _torch_module_class():
+    import torch
+    from torch import nn
+
+    class StackModule(nn.Module):
+        """uint8 RGB (N, S, S, 3) -> calibrated probabilities (N, C) of a feature stack."""
+
+        def __init__(self, backbones, head_states, n_views, temperature, input_size):
+            super().__init__()
+            self.input_size = int(input_size)
+            self.n_views = int(n_views)
+            self.temperature = float(temperature)
+            self.backbones = nn.ModuleList([m for _, m in backbones])
+            self._bb = []
+            for k, (spec, _) in enumerate(backbones):
+                pp = spec.preprocess
+                self.register_buffer(
+                    f"mean{k}", torch.tensor(pp.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+                )
+                self.register_buffer(
+                    f"std{k}", torch.tensor(pp.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+                )
+                resize = pp.input_size != self.input_size
+                if resize:
+                    m = resize_matrix(self.input_size, pp.input_size, pp.interpolation)
+                    self.register_buffer(f"resize{k}", torch.from_numpy(m.copy()))
+                self._bb.append((resize, pp.channel_order == "BGR"))
+            self._heads = []
+            for h, st in enumerate(head_states):
+                if "weight" in st:
+                    layers = [(st["weight"], st["bias"])]
+                else:
+                    n = sum(1 for name in st if name.endswith(".weight"))
+                    layers = [(st[f"layer{i}.weight"], st[f"layer{i}.bias"]) for i in range(n)]
+                self.register_buffer(f"h{h}_mean", torch.from_numpy(np.asarray(st["mean"])))
+                self.register_buffer(f"h{h}_scale", torch.from_numpy(np.asarray(st["scale"])))
+                for i, (w, b) in enumerate(layers):
+                    self.register_buffer(f"h{h}_w{i}", torch.from_numpy(np.asarray(w, np.float32)))
+                    self.register_buffer(f"h{h}_b{i}", torch.from_numpy(np.asarray(b, np.float32)))
+                self._heads.append(len(layers))
+            self.eval()
+
+        def forward(self, image):
+            n = image.shape[0]
+            x = image.permute(0, 3, 1, 2).to(torch.float32)
+            if self.n_views == 2:
+                x = torch.cat([x, x.flip(3)], 0)
+            feats = []
+            for k, model in enumerate(self.backbones):
+                resize, bgr = self._bb[k]
+                xi = x
+                if resize:
+                    m = getattr(self, f"resize{k}")
+                    xi = torch.matmul(torch.matmul(m, xi.to(torch.float64)), m.t())
+                    xi = torch.clamp(torch.round(xi), 0, 255).to(torch.float32)
+                if bgr:
+                    xi = xi.flip(1)
+                xi = (xi - getattr(self, f"mean{k}")) / getattr(self, f"std{k}")
+                feats.append(model(xi))
+            f = torch.cat(feats, 1)
+            probs = None
+            for h, n_layers in enumerate(self._heads):
+                z = (f - getattr(self, f"h{h}_mean")) / getattr(self, f"h{h}_scale")
+                for i in range(n_layers):
+                    w, b = getattr(self, f"h{h}_w{i}"), getattr(self, f"h{h}_b{i}")
+                    z = torch.matmul(z, w.t()) + b
+                    if i < n_layers - 1:
+                        z = torch.relu(z)
+                p = torch.softmax(z, dim=1)
+                probs = p if probs is None else probs + p
+            probs = probs / len(self._heads)
+            probs = probs.reshape(self.n_views, n, -1).mean(0)
+            if self.temperature != 1.0:
+                logp = torch.log(torch.clamp(probs, 1e-12, 1.0))
+                probs = torch.softmax(logp / self.temperature, dim=1)
+            return probs
+
+    return StackModule
+
+
+def StackModule(*args, **kwargs):  # noqa: N802 - a factory that reads like the class it builds
+    """Build the torch module of a feature stack (torch is imported only when needed)."""
+    return _torch_module_class()(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------- ONNX
+def _metadata(model) -> dict[str, str]:
+    desc = model.describe() if hasattr(model, "describe") else {}
+    return {
+        "stackvision.classes": json.dumps(list(model.classes_)),
+        "stackvision.input": json.dumps(input_contract(model)),
+        "stackvision.model": json.dumps(
+            {k: desc.get(k) for k in ("kind", "head", "folds", "tta", "temperature", "metrics")}
+            | {"backbones": [b.get("name") for b in desc.get("backbones", [])]},
+            default=str,
+        ),
+        "stackvision.version": __version__,
+    }
+
+
+def export_onnx(
+    model, out: str, *, opset: int = DEFAULT_OPSET, check: bool = True, seed: int = 0
+) -> dict:
+    """Write ``model`` as one ONNX file at ``out``; with ``check``, run it in ONNX Runtime on a
+    random batch and report the largest difference from the torch module."""
+    import torch
+
+    to_module = getattr(model, "to_torch_module", None)
+    if to_module is None or not hasattr(model, "input_preprocess"):
+        raise StackvisionError(
+            f"this {type(model).__name__} model cannot be exported to ONNX "
+            "(it has no to_torch_module()/input_preprocess())",
+            "export a feature stack, a fine-tuned model or an ensemble",
+        )
+    try:
+        import onnx
+    except ImportError:
+        raise StackvisionError(
+            "ONNX export needs the onnx package", "pip install 'stackvision[fast]'"
+        ) from None
+    out = os.path.abspath(out)
+    if os.path.isdir(out):
+        raise StackvisionError(f"--out is a folder: {out}", "give a file name, e.g. model.onnx")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    module = to_module().eval()
+    size = model.input_preprocess().input_size
+    x = np.random.default_rng(seed).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    xt = torch.from_numpy(x)
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (xt,),
+            buf,
+            dynamo=False,
+            input_names=["image"],
+            output_names=["probabilities"],
+            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.producer_name = "stackvision"
+    proto.producer_version = __version__
+    proto.doc_string = (
+        "stackvision model: uint8 RGB NHWC image batch -> class probabilities. "
+        "See metadata stackvision.input and stackvision.classes."
+    )
+    for k, v in _metadata(model).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(proto)
+    info = {
+        "path": out,
+        "opset": opset,
+        "input": input_contract(model),
+        "n_classes": len(model.classes_),
+    }
+    if check:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"image": x})[0]
+        with torch.no_grad():
+            want = module(xt).numpy()
+        info["max_abs_diff"] = float(np.abs(got - want).max())
+        if not math.isfinite(info["max_abs_diff"]) or info["max_abs_diff"] > 1e-4:
+            raise StackvisionError(
+                f"the exported graph differs from the model by {info['max_abs_diff']:.2e}",
+                "nothing was written; report this as a bug (--no-check writes it anyway)",
+            )
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=os.path.dirname(out))
+    os.close(fd)
+    try:
+        onnx.save(proto, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    info["bytes"] = os.path.getsize(out)
+    return info
+
+
+def export_model(model, out: str, fmt: str = "onnx", **kwargs) -> dict:
+    if fmt not in FORMATS:
+        raise StackvisionError(
+            f"unknown export format '{fmt}'", f"use one of: {', '.join(FORMATS)}"
+        )
+    return export_onnx(model, out, **kwargs)

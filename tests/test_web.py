@@ -1,0 +1,108 @@
+"""The web page at / in headless Chromium: upload an image, read the top class, screenshot."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import pytest
+
+from .serving_helpers import Server, images_of, train_tiny
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+KEY = "web-key"
+
+
+def _skip_reason() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install selenium; make install does it)"
+    if not CHROMIUM or not CHROMEDRIVER:
+        return (
+            "Debian chromium and chromium-driver are not installed "
+            "(make install-browser, or apt-get install chromium chromium-driver)"
+        )
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+
+
+@pytest.fixture(scope="module")
+def server(woof_train, cache_dir, tmp_path_factory):
+    model = train_tiny(woof_train, cache_dir, tmp_path_factory.mktemp("web") / "model")
+    srv = Server(model, "--api-key", KEY, log=tmp_path_factory.mktemp("web-log") / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1100,760",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_page_uploads_an_image_and_shows_the_api_top_class(server, browser, woof_val, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = images_of(woof_val)[7]
+    with open(image, "rb") as fh:
+        api = httpx.post(
+            server.url + "/predict",
+            files=[("file", ("dog.jpg", fh.read(), "image/jpeg"))],
+            headers={"X-API-Key": KEY},
+            timeout=120,
+        ).json()["predictions"][0]["top"]
+
+    browser.get(f"{server.url}/?api_key={KEY}")
+    wait = WebDriverWait(browser, 120)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "model"), "classes"))
+    browser.find_element(By.ID, "file").send_keys(image)
+    wait.until(
+        lambda d: d.find_element(By.ID, "results").get_attribute("data-state") in ("done", "error")
+    )
+    assert browser.find_element(By.ID, "error").text == ""
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .label")]
+    probs = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .prob")]
+    shot = tmp_path / "page.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+
+    assert labels[0] == api[0]["class"]
+    assert labels == [t["class"] for t in api][:5]
+    assert probs[0] == f"{100 * api[0]['probability']:.1f}%"
+    assert browser.execute_script("return document.getElementById('preview').naturalWidth") > 0
+
+
+def test_page_without_key_asks_for_one(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/")  # the page itself needs the key too
+    assert "missing API key" in browser.page_source
+    browser.get(f"{server.url}/?api_key={KEY}")
+    WebDriverWait(browser, 60).until(lambda d: "classes" in d.find_element(By.ID, "model").text)
