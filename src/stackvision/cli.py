@@ -65,6 +65,25 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
         help="stop at the first unreadable image instead of skipping it",
     )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r = p.add_argument_group("runner (where extraction runs; see docs/scaling.md)")
+    r.add_argument(
+        "--runner",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process; ray: Ray Data tasks and actors (pip install 'stackvision[ray]')"
+        " (default: local)",
+    )
+    r.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster to join (HOST:6379, ray://HOST:10001 or auto; default: a local Ray)",
+    )
+    r.add_argument(
+        "--ray-actors",
+        type=int,
+        metavar="N",
+        help="backbone actors per backbone (default: one per GPU, or the cluster's CPUs less one)",
+    )
 
 
 def add_labelled_data(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -97,6 +116,9 @@ def _runtime(args) -> dict:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "strict": args.strict,
+        "runner": args.runner,
+        "ray_address": args.ray_address,
+        "ray_actors": args.ray_actors,
         "progress": not args.quiet
         and sys.stderr.isatty()
         or os.environ.get("STACKVISION_PROGRESS") == "1",
@@ -192,7 +214,7 @@ def cmd_extract(args) -> int:
     from .backbones import resolve
     from .cache import FeatureCache
     from .data import from_paths
-    from .extract import extract
+    from .runners import extract_features
 
     rt = _runtime(args)
     if args.labels or (args.data and os.path.isdir(args.data) and _looks_labelled(args.data)):
@@ -202,9 +224,12 @@ def cmd_extract(args) -> int:
     specs = [resolve(b, dict(args.weights or [])) for b in _backbone_list(args.backbones)]
     views = ("orig", "flip") if args.tta == "flip" else ("orig",)
     t0 = time.perf_counter()
-    feats = extract(
+    feats = extract_features(
         listing.paths,
         specs,
+        runner=rt["runner"],
+        ray_address=rt["ray_address"],
+        ray_actors=rt["ray_actors"],
         views=views,
         pool=args.pool,
         cache=FeatureCache(rt["cache_dir"]),
@@ -215,6 +240,7 @@ def cmd_extract(args) -> int:
         workers=rt["workers"],
         strict=rt["strict"],
         progress=rt["progress"],
+        assemble=False,  # the features stay in the cache (and in --export-shards)
     )
     st = feats.stats
     _report_problems(listing.problems + feats.problems, args)
