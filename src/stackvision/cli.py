@@ -261,6 +261,27 @@ def cmd_extract(args) -> int:
         )
     )
     print(f"cache: {FeatureCache(rt['cache_dir']).root}")
+    if args.export_shards:
+        from .engines import numbers_id
+        from .shards import export_shards
+
+        labels = [listing.labels[i] for i in feats.index] if listing.labels else None
+        index = export_shards(
+            args.export_shards,
+            feats.hashes,
+            specs,
+            views=views,
+            pool=args.pool,
+            cache=FeatureCache(rt["cache_dir"]),
+            numbers=numbers_id(rt["engine"], rt["precision"]),
+            labels=labels,
+            classes=listing.classes if labels else None,
+            rows_per_shard=args.shard_rows,
+        )
+        print(
+            f"shards: {args.export_shards} ({index['n_rows']} rows x {len(views)} view(s) x "
+            f"{index['dim']} dims in {len(index['shards'])} shard(s))"
+        )
     return 0
 
 
@@ -268,9 +289,48 @@ def _looks_labelled(folder: str) -> bool:
     return any(os.path.isdir(os.path.join(folder, d)) for d in os.listdir(folder))
 
 
+def cmd_train_shards(args) -> int:
+    from .metrics import summary_row
+    from .streaming import train_from_shards
+
+    if args.data or args.labels or args.val:
+        raise StackvisionError(
+            "--from-shards trains on the shards' features and labels only",
+            "drop DATA/--labels/--val (or drop --from-shards)",
+        )
+    if args.folds not in (0, 5) or args.compare:
+        raise StackvisionError(
+            "--from-shards trains one head on a hold-out split (no --folds, no --compare)",
+            "use --val-split to size the hold-out",
+        )
+    params = {k: _parse_value(v) for k, v in (args.head_param or [])}
+    t0 = time.perf_counter()
+    model = train_from_shards(
+        args.from_shards,
+        head=args.head,
+        head_params=params or None,
+        val_split=args.val_split or 0.1,
+        class_weight=args.class_weight,
+        calibrate=not args.no_calibrate,
+        weights=dict(args.weights or []),
+        seed=args.seed,
+        **_runtime(args),
+    )
+    path = model.save(args.out)
+    sh = model.shards_
+    _say(args, f"streamed {sh['n_rows']} rows from {sh['n_shards']} shard(s) in {args.from_shards}")
+    rows = [{"evaluated on": model.metrics_["validation"], **summary_row(model.metrics_)}]
+    _say(args, _table(rows, ["evaluated on", "n_images", "accuracy", "top5_accuracy", "log_loss"]))
+    _say(args, f"\nmodel written to {path} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .classifier import StackedClassifier
     from .metrics import summary_row
+
+    if args.from_shards:
+        return cmd_train_shards(args)
 
     listing = _listing(args)
     val = None
@@ -495,6 +555,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "flip"],
         help="also cache horizontally flipped views (default: flip)",
     )
+    e.add_argument(
+        "--export-shards",
+        metavar="DIR",
+        help="also write the features as .npy shards + index.json (for data larger than memory;"
+        " train on them with train --from-shards DIR)",
+    )
+    e.add_argument(
+        "--shard-rows",
+        type=int,
+        default=65536,
+        metavar="N",
+        help="images per shard for --export-shards (default: 65536)",
+    )
     add_runtime_options(e)
     e.set_defaults(func=cmd_extract)
 
@@ -547,6 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also report each backbone alone and the stack, with and without TTA",
     )
     t.add_argument("--seed", type=int, default=0, help="seed for splits and heads (default: 0)")
+    t.add_argument(
+        "--from-shards",
+        metavar="DIR",
+        help="train on a sharded feature set (extract --export-shards) streamed from disk, for"
+        " features larger than memory: one head, hold-out --val-split (default 0.1)",
+    )
     add_runtime_options(t)
     t.set_defaults(func=cmd_train)
 
