@@ -96,6 +96,39 @@ def bench_extract(paths, batch_size: int) -> list[dict]:
     return rows
 
 
+def bench_stages(paths) -> dict:
+    """Single-thread decode rate (read + decode + resize/crop, lite0 input) and the feature cache's
+    write rate (SQLite rows/s, one transaction per 256 rows): the two driver/CPU-side limits."""
+    from stackvision.backbones import resolve
+    from stackvision.cache import FeatureCache, store_fields
+    from stackvision.extract import _decode_for
+
+    specs = [resolve("lite0")]
+    t0 = time.perf_counter()
+    for p in paths:
+        _decode_for(p, specs)
+    t_dec = time.perf_counter() - t0
+    root = tempfile.mkdtemp(prefix="sv-bench-sqlite-")
+    store = FeatureCache(root).store(store_fields(specs[0], "avg", "fp32"), 1280)
+    n = 20000
+    vec = np.random.default_rng(0).standard_normal((256, 1280)).astype(np.float32)
+    t0 = time.perf_counter()
+    for i in range(0, n, 256):
+        store.put_many((f"{i + j:032x}", "orig", vec[j]) for j in range(min(256, n - i)))
+    t_sql = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hs = [f"{i:032x}" for i in range(n)]
+    for i in range(0, n, 4096):
+        store.get_many(hs[i : i + 4096], "orig")
+    t_get = time.perf_counter() - t0
+    shutil.rmtree(root, ignore_errors=True)
+    return {
+        "decode_img_per_s_per_core": round(len(paths) / t_dec, 1),
+        "sqlite_put_rows_per_s": round(n / t_sql),
+        "sqlite_get_rows_per_s": round(n / t_get),
+    }
+
+
 def bench_shards(n_rows: int, rows_per_shard: int, out_dir: str) -> dict:
     from stackvision.shards import ShardedFeatures, ShardWriter
     from stackvision.streaming import fit_streaming
@@ -160,7 +193,7 @@ def bench_shards(n_rows: int, rows_per_shard: int, out_dir: str) -> dict:
     }
 
 
-def extrapolate(ext: list[dict], sh: dict, n_images: int = 10_000_000) -> dict:
+def extrapolate(ext: list[dict], sh: dict, stages: dict, n_images: int = 10_000_000) -> dict:
     per_actor = max(
         r["img_per_s_compute"] for r in ext if r["runner"].startswith("ray, 1 actor(s) x 1")
     )
@@ -168,14 +201,21 @@ def extrapolate(ext: list[dict], sh: dict, n_images: int = 10_000_000) -> dict:
     return {
         "images": n_images,
         "cpu_actor_img_per_s": per_actor,
-        "cpu_actor_hours": round(n_images / per_actor / 3600),
+        "cpu_actor_hours_lite0_one_view": round(n_images / per_actor / 3600),
+        # lite0+lite1+lite2 cost ~(0.41+0.63+0.90)/0.41 GFLOPs of lite0, x2 views (flip TTA)
+        "cpu_actor_hours_lite012_flip": round(n_images * 9.5 / per_actor / 3600),
+        "decode_core_hours": round(n_images / stages["decode_img_per_s_per_core"] / 3600, 1),
+        # 3 backbones x 2 views rows, one driver writing
+        "sqlite_driver_write_hours": round(
+            n_images * 6 / stages["sqlite_put_rows_per_s"] / 3600, 2
+        ),
         "shard_TB": round(tb, 2),
         "shard_write_hours_one_writer": round(n_images / sh["write_rows_per_s"] / 3600, 2),
         "epoch_hours_one_reader": round(n_images / sh["logreg_epoch_rows_per_s"] / 3600, 2),
     }
 
 
-def markdown(ext, sh, ex, cmd, n_paths) -> str:
+def markdown(ext, stages, sh, ex, cmd, n_paths) -> str:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next(
         (ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if "Model name" in ln), "?"
@@ -204,6 +244,12 @@ def markdown(ext, sh, ex, cmd, n_paths) -> str:
             f" | {r.get('hash_s', '')} | {r.get('compute_s', '')} | {r.get('img_per_s_compute', '')} |"
         )
     lines += [
+        "",
+        "## Stage rates (one thread)",
+        "",
+        "| figure | value |",
+        "| --- | ---: |",
+        *(f"| {k} | {v} |" for k, v in stages.items()),
         "",
         f"## Sharded cache simulation: {sh['rows']} generated rows (3 x 1280 dims, 2 views)",
         "",
@@ -234,15 +280,17 @@ def main() -> int:
     cmd = "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])
     paths = woof_images(args.images)
     ext = [] if args.skip_extract else bench_extract(paths, args.batch_size)
+    stages = bench_stages(paths)
+    print(json.dumps(stages), flush=True)
     sh = bench_shards(args.sim_rows, args.rows_per_shard, args.sim_dir)
     print(json.dumps(sh), flush=True)
     shutil.rmtree(args.sim_dir, ignore_errors=True)
-    ex = extrapolate(ext, sh) if ext else {}
+    ex = extrapolate(ext, sh, stages) if ext else {}
     print(json.dumps(ex), flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
-            fh.write(markdown(ext, sh, ex, cmd, len(paths)))
+            fh.write(markdown(ext, stages, sh, ex, cmd, len(paths)))
     return 0
 
 
