@@ -46,6 +46,7 @@ def woof_images(n: int) -> list[str]:
 
 def bench_extract(paths, batch_size: int) -> list[dict]:
     import ray
+    import torch
 
     from stackvision.backbones import resolve
     from stackvision.cache import FeatureCache
@@ -71,15 +72,23 @@ def bench_extract(paths, batch_size: int) -> list[dict]:
                 "hash_s": st["hash_seconds"],
                 "compute_s": st["compute_seconds"],
                 "img_per_s_compute": st["images_per_second"],
+                "load_1min": round(os.getloadavg()[0], 1),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
         shutil.rmtree(root, ignore_errors=True)
 
     run(
-        "local (2 decode threads, torch 2 threads)",
+        f"local (2 decode threads, torch {torch.get_num_threads()} threads)",
         lambda c: extract(paths, specs, cache=c, batch_size=batch_size, workers=2),
     )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each Ray CPU actor runs with
+    run(
+        "local (2 decode threads, torch 1 thread)",
+        lambda c: extract(paths, specs, cache=c, batch_size=batch_size, workers=2),
+    )
+    torch.set_num_threads(threads)
     # 3 logical CPUs on 2 cores: room for 2 actors plus the decode tasks (0.5 CPU each).
     t0 = time.perf_counter()
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
@@ -92,6 +101,11 @@ def bench_extract(paths, batch_size: int) -> list[dict]:
             ),
         )
     ray.shutdown()
+    # Again at the end: the machine is shared, so the first local figure may have met other load.
+    run(
+        f"local again, torch {torch.get_num_threads()} threads (after the Ray runs)",
+        lambda c: extract(paths, specs, cache=c, batch_size=batch_size, workers=2),
+    )
     rows.append({"runner": "ray.init (local cluster start-up)", "wall_s": round(start, 1)})
     return rows
 
@@ -235,13 +249,15 @@ def markdown(ext, stages, sh, ex, cmd, n_paths) -> str:
         "",
         f"## Extraction: {n_paths} imagewoof images, lite0, one view, cold cache each",
         "",
-        "| runner | images | wall s | img/s (wall) | hash s | compute s | img/s (compute) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| runner | images | wall s | img/s (wall) | hash s | compute s | img/s (compute)"
+        " | load avg (1 min) at end |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in ext:
         lines.append(
             f"| {r['runner']} | {r.get('images', '')} | {r['wall_s']} | {r.get('img_per_s_wall', '')}"
-            f" | {r.get('hash_s', '')} | {r.get('compute_s', '')} | {r.get('img_per_s_compute', '')} |"
+            f" | {r.get('hash_s', '')} | {r.get('compute_s', '')} | {r.get('img_per_s_compute', '')}"
+            f" | {r.get('load_1min', '')} |"
         )
     lines += [
         "",
