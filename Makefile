@@ -11,7 +11,7 @@ install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>/dev/null || true
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[fast,serve,dev]'
+	$(BIN)/python -m pip install -q -e '.[fast,serve,ray,dev]'
 	$(BIN)/stackvision --version
 	$(MAKE) install-browser
 

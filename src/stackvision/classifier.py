@@ -19,10 +19,11 @@ from .backbones import DEFAULT_STACK, POOLS, BackboneSpec, resolve
 from .cache import FeatureCache
 from .data import Problem, check_trainable
 from .errors import StackvisionError
-from .extract import Features, extract
+from .extract import Features
 from .heads import HEADS, make_head
 from .metrics import classification_metrics, summary_row
 from .model_dir import read_manifest, read_tensors, write_model_dir
+from .runners import extract_features
 from .validation import (
     apply_temperature,
     cross_validate,
@@ -85,6 +86,9 @@ class StackedClassifier:
         seed: int = 0,
         strict: bool = False,
         progress: bool = False,
+        runner: str = "local",
+        ray_address: str | None = None,
+        ray_actors: int | None = None,
     ):
         self.backbones = backbones
         self.head = head
@@ -105,6 +109,9 @@ class StackedClassifier:
         self.seed = seed
         self.strict = strict
         self.progress = progress
+        self.runner = runner
+        self.ray_address = ray_address
+        self.ray_actors = ray_actors
 
     # ------------------------------------------------------------------ validation of parameters
     def _check_params(self) -> None:
@@ -149,9 +156,12 @@ class StackedClassifier:
         return [resolve(n, self.weights) for n in names]
 
     def _features(self, paths: Sequence[str]) -> Features:
-        return extract(
+        return extract_features(
             list(paths),
             self.specs_,
+            runner=getattr(self, "runner", "local"),
+            ray_address=getattr(self, "ray_address", None),
+            ray_actors=getattr(self, "ray_actors", None),
             views=self._views,
             pool=self.pool,
             cache=FeatureCache(self.cache_dir),

@@ -69,6 +69,25 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
         help="stop at the first unreadable image instead of skipping it",
     )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r = p.add_argument_group("runner (where extraction runs; see docs/scaling.md)")
+    r.add_argument(
+        "--runner",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process; ray: Ray Data tasks and actors (pip install 'stackvision[ray]')"
+        " (default: local)",
+    )
+    r.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster to join (HOST:6379, ray://HOST:10001 or auto; default: a local Ray)",
+    )
+    r.add_argument(
+        "--ray-actors",
+        type=int,
+        metavar="N",
+        help="backbone actors per backbone (default: one per GPU, or the cluster's CPUs less one)",
+    )
 
 
 def add_labelled_data(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -101,6 +120,9 @@ def _runtime(args) -> dict:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "strict": args.strict,
+        "runner": args.runner,
+        "ray_address": args.ray_address,
+        "ray_actors": args.ray_actors,
         "progress": not args.quiet
         and sys.stderr.isatty()
         or os.environ.get("STACKVISION_PROGRESS") == "1",
@@ -196,7 +218,7 @@ def cmd_extract(args) -> int:
     from .backbones import resolve
     from .cache import FeatureCache
     from .data import from_paths
-    from .extract import extract
+    from .runners import extract_features
 
     rt = _runtime(args)
     if args.labels or (args.data and os.path.isdir(args.data) and _looks_labelled(args.data)):
@@ -206,9 +228,12 @@ def cmd_extract(args) -> int:
     specs = [resolve(b, dict(args.weights or [])) for b in _backbone_list(args.backbones)]
     views = ("orig", "flip") if args.tta == "flip" else ("orig",)
     t0 = time.perf_counter()
-    feats = extract(
+    feats = extract_features(
         listing.paths,
         specs,
+        runner=rt["runner"],
+        ray_address=rt["ray_address"],
+        ray_actors=rt["ray_actors"],
         views=views,
         pool=args.pool,
         cache=FeatureCache(rt["cache_dir"]),
@@ -219,6 +244,7 @@ def cmd_extract(args) -> int:
         workers=rt["workers"],
         strict=rt["strict"],
         progress=rt["progress"],
+        assemble=False,  # the features stay in the cache (and in --export-shards)
     )
     st = feats.stats
     _report_problems(listing.problems + feats.problems, args)
@@ -239,6 +265,27 @@ def cmd_extract(args) -> int:
         )
     )
     print(f"cache: {FeatureCache(rt['cache_dir']).root}")
+    if args.export_shards:
+        from .engines import numbers_id
+        from .shards import export_shards
+
+        labels = [listing.labels[i] for i in feats.index] if listing.labels else None
+        index = export_shards(
+            args.export_shards,
+            feats.hashes,
+            specs,
+            views=views,
+            pool=args.pool,
+            cache=FeatureCache(rt["cache_dir"]),
+            numbers=numbers_id(rt["engine"], rt["precision"]),
+            labels=labels,
+            classes=listing.classes if labels else None,
+            rows_per_shard=args.shard_rows,
+        )
+        print(
+            f"shards: {args.export_shards} ({index['n_rows']} rows x {len(views)} view(s) x "
+            f"{index['dim']} dims in {len(index['shards'])} shard(s))"
+        )
     return 0
 
 
@@ -246,9 +293,48 @@ def _looks_labelled(folder: str) -> bool:
     return any(os.path.isdir(os.path.join(folder, d)) for d in os.listdir(folder))
 
 
+def cmd_train_shards(args) -> int:
+    from .metrics import summary_row
+    from .streaming import train_from_shards
+
+    if args.data or args.labels or args.val:
+        raise StackvisionError(
+            "--from-shards trains on the shards' features and labels only",
+            "drop DATA/--labels/--val (or drop --from-shards)",
+        )
+    if args.folds not in (0, 5) or args.compare:
+        raise StackvisionError(
+            "--from-shards trains one head on a hold-out split (no --folds, no --compare)",
+            "use --val-split to size the hold-out",
+        )
+    params = {k: _parse_value(v) for k, v in (args.head_param or [])}
+    t0 = time.perf_counter()
+    model = train_from_shards(
+        args.from_shards,
+        head=args.head,
+        head_params=params or None,
+        val_split=args.val_split or 0.1,
+        class_weight=args.class_weight,
+        calibrate=not args.no_calibrate,
+        weights=dict(args.weights or []),
+        seed=args.seed,
+        **_runtime(args),
+    )
+    path = model.save(args.out)
+    sh = model.shards_
+    _say(args, f"streamed {sh['n_rows']} rows from {sh['n_shards']} shard(s) in {args.from_shards}")
+    rows = [{"evaluated on": model.metrics_["validation"], **summary_row(model.metrics_)}]
+    _say(args, _table(rows, ["evaluated on", "n_images", "accuracy", "top5_accuracy", "log_loss"]))
+    _say(args, f"\nmodel written to {path} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .classifier import StackedClassifier
     from .metrics import summary_row
+
+    if args.from_shards:
+        return cmd_train_shards(args)
 
     listing = _listing(args)
     val = None
@@ -569,6 +655,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "flip"],
         help="also cache horizontally flipped views (default: flip)",
     )
+    e.add_argument(
+        "--export-shards",
+        metavar="DIR",
+        help="also write the features as .npy shards + index.json (for data larger than memory;"
+        " train on them with train --from-shards DIR)",
+    )
+    e.add_argument(
+        "--shard-rows",
+        type=int,
+        default=65536,
+        metavar="N",
+        help="images per shard for --export-shards (default: 65536)",
+    )
     add_runtime_options(e)
     e.set_defaults(func=cmd_extract)
 
@@ -621,6 +720,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also report each backbone alone and the stack, with and without TTA",
     )
     t.add_argument("--seed", type=int, default=0, help="seed for splits and heads (default: 0)")
+    t.add_argument(
+        "--from-shards",
+        metavar="DIR",
+        help="train on a sharded feature set (extract --export-shards) streamed from disk, for"
+        " features larger than memory: one head, hold-out --val-split (default 0.1)",
+    )
     add_runtime_options(t)
     t.set_defaults(func=cmd_train)
 

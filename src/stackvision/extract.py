@@ -81,8 +81,13 @@ def extract(
     workers: int | None = None,
     strict: bool = False,
     progress: bool = False,
+    assemble: bool = True,
 ) -> Features:
-    """Features of ``paths`` for each backbone and view, computing only what the cache lacks."""
+    """Features of ``paths`` for each backbone and view, computing only what the cache lacks.
+
+    ``assemble=False`` fills the cache only (``blocks`` stays empty): for data sets whose features
+    do not fit in memory, read them back with :mod:`stackvision.shards`.
+    """
     for v in views:
         if v not in VIEWS:
             raise StackvisionError(f"unknown view '{v}'", f"use {' or '.join(VIEWS)}")
@@ -196,7 +201,7 @@ def extract(
     keep = [i for i in range(len(paths)) if i not in failed]
     kept_hashes = [hashes[i] for i in keep]
     blocks = {}
-    for s in specs:
+    for s in specs if assemble else ():
         per_view = []
         for v in views:
             got = stores[s.name].get_many(kept_hashes, v)
