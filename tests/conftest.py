@@ -57,10 +57,14 @@ def woof_val(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def flowers_small(tmp_path_factory) -> Path:
     """3 flower classes x 10 images."""
-    return make_slice(tmp_path_factory.mktemp("flowers"), FLOWERS, ["daisy", "sunflower", "tulip"], 10)
+    return make_slice(
+        tmp_path_factory.mktemp("flowers"), FLOWERS, ["daisy", "sunflower", "tulip"], 10
+    )
 
 
 def synthetic_image(size=(64, 48), seed=0, mode="RGB") -> Image.Image:
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(arr, "RGB").convert(mode) if mode != "RGB" else Image.fromarray(arr, "RGB")
+    return (
+        Image.fromarray(arr, "RGB").convert(mode) if mode != "RGB" else Image.fromarray(arr, "RGB")
+    )

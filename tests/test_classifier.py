@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +185,21 @@ def test_compare_table_shows_backbones_flips_and_fold_ensemble(woof_train, woof_
     assert all(0 <= r["val_log_loss"] < 2 and r["val_accuracy"] > 0.5 for r in rows), rows
     # the last ensemble row is the real model: same numbers as its hold-out metrics
     assert rows[-2]["val_log_loss"] == pytest.approx(m.metrics_["holdout"]["log_loss"], rel=1e-5)
+
+
+def test_int8_model_keeps_its_calibration_through_save_and_load(woof_train, cache_dir, tmp_path):
+    X, y = _data(woof_train)
+    m = StackedClassifier(
+        ["lite0"], folds=2, tta="none", precision="int8", cache_dir=cache_dir
+    ).fit(X, y)
+    assert m.metrics_["accuracy"] > 0.7
+    assert set(m.calibration_) == {"lite0"}
+    path = m.save(str(tmp_path / "int8"), report=False)
+    again = load_model(path, cache_dir=cache_dir)
+    assert again.precision == "int8" and again.calibration_ == m.calibration_
+    np.testing.assert_array_equal(again.predict_proba(X[:6]), m.predict_proba(X[:6]))
+    # int8 features live in their own store, keyed by the calibration set
+    stores = {
+        json.loads(p.read_text())["numbers"] for p in Path(cache_dir, "features-v1").glob("*.json")
+    }
+    assert f"int8-nncf-{m.calibration_['lite0']}" in stores

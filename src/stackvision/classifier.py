@@ -172,6 +172,7 @@ class StackedClassifier:
             workers=self.workers,
             strict=self.strict,
             progress=self.progress,
+            **({"calibration": self.calibration_} if getattr(self, "calibration_", None) else {}),
         )
 
     # ------------------------------------------------------------------ fit
@@ -194,7 +195,10 @@ class StackedClassifier:
         self.specs_ = self._specs()
         self.classes_ = sorted(set(y))
         index = {c: i for i, c in enumerate(self.classes_)}
+        self.calibration_ = None
         feats = self._features(X)
+        # int8: validation and later predictions reuse the training images' calibration sets
+        self.calibration_ = feats.stats.get("calibration") or None
         self.problems_ = list(feats.problems)
         yk = np.asarray([index[y[i]] for i in feats.index], np.int64)
         check_trainable([self.classes_[i] for i in yk], self.folds)
@@ -347,7 +351,7 @@ class StackedClassifier:
 
         Runs the same engines and heads as :meth:`predict_paths`, without the feature cache.
         """
-        from .engines import create_engine
+        from .engines import Calibration, create_engine
         from .export import check_uint8_batch, resize_uint8
 
         self._check_fitted()
@@ -364,6 +368,10 @@ class StackedClassifier:
                     engine=self.engine,
                     device=self.device,
                     precision=self.precision,
+                    cache_dir=FeatureCache(self.cache_dir).base,
+                    calibration=Calibration(self.calibration_[spec.name])
+                    if self.calibration_
+                    else None,
                 )
             x = resize_uint8(batch, spec.preprocess.input_size)
             if spec.preprocess.channel_order == "BGR":
@@ -405,6 +413,8 @@ class StackedClassifier:
             "folds": manifest.get("folds"),
             "tta": manifest.get("tta"),
             "temperature": self.temperature_,
+            "precision": self.precision,
+            "calibration": self.calibration_,
             "metrics": manifest.get("metrics"),
             "created": manifest.get("created"),
             "stackvision_version": manifest.get("stackvision_version"),
@@ -432,6 +442,8 @@ class StackedClassifier:
             "folds": self.folds,
             "n_heads": len(self.heads_),
             "temperature": self.temperature_,
+            "precision": self.precision,
+            "calibration": self.calibration_,
             "class_weight": self.class_weight,
             "seed": self.seed,
             "training": {
@@ -494,6 +506,7 @@ class StackedClassifier:
         for b in bb:
             if b.get("weights_path") and b["name"] not in weights:
                 weights[b["name"]] = b["weights_path"]
+        overrides.setdefault("precision", manifest.get("precision", "fp32"))
         model = cls(
             [b["name"] for b in bb],
             head=manifest["head"]["kind"],
@@ -524,6 +537,7 @@ class StackedClassifier:
             )
         model.classes_ = list(manifest["classes"])
         model.temperature_ = float(manifest["temperature"])
+        model.calibration_ = manifest.get("calibration")
         model.manifest_ = manifest
         model.metrics_ = None
         return model

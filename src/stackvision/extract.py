@@ -82,11 +82,17 @@ def extract(
     strict: bool = False,
     progress: bool = False,
     assemble: bool = True,
+    calibration: dict[str, str] | None = None,
 ) -> Features:
     """Features of ``paths`` for each backbone and view, computing only what the cache lacks.
 
     ``assemble=False`` fills the cache only (``blocks`` stays empty): for data sets whose features
     do not fit in memory, read them back with :mod:`stackvision.shards`.
+
+    ``precision="int8"``: each backbone is quantised on a calibration set drawn from ``paths``
+    (chosen by content hash), unless ``calibration`` maps its name to the key of a set used
+    before (prediction with a model trained in int8). The keys used are in ``stats["calibration"]``
+    and are part of the store key, since int8 features depend on the calibration images.
     """
     for v in views:
         if v not in VIEWS:
@@ -98,8 +104,6 @@ def extract(
     views = tuple(views)
     workers = workers or default_workers()
     cache = cache or FeatureCache()
-    numbers = numbers_id(engine, precision)
-    stores = {s.name: cache.store(store_fields(s, pool, numbers), s.feature_dim) for s in specs}
     t0 = time.perf_counter()
 
     # 1. Content hashes (cheap next to inference; they are what the cache is keyed by).
@@ -112,6 +116,14 @@ def extract(
             else:
                 hashes[i] = res
     t_hash = time.perf_counter() - t0
+    calibs = _calibrations(paths, hashes, specs, precision, calibration or {})
+    stores = {
+        s.name: cache.store(
+            store_fields(s, pool, numbers_id(engine, precision, calibs.get(s.name), device)),
+            s.feature_dim,
+        )
+        for s in specs
+    }
 
     # 2. Which (image, backbone) pairs are missing any requested view.
     live = [h for h in hashes if h is not None]
@@ -136,6 +148,7 @@ def extract(
                 device=device,
                 precision=precision,
                 cache_dir=cache.base,
+                calibration=calibs.get(s.name),
             )
             for s in active
         }
@@ -224,6 +237,7 @@ def extract(
         "compute_seconds": round(t_compute, 3),
         "images_per_second": round(n_new / t_compute, 2) if n_new and t_compute > 0 else None,
         "seconds": round(time.perf_counter() - t0, 3),
+        "calibration": {name: c.key for name, c in calibs.items()},
     }
     return Features(
         paths=[paths[i] for i in keep],
@@ -234,6 +248,20 @@ def extract(
         problems=problems,
         stats=stats,
     )
+
+
+def _calibrations(paths, hashes, specs, precision, given: dict[str, str]) -> dict:
+    """The int8 calibration set of each backbone (none for other precisions)."""
+    if precision != "int8":
+        return {}
+    from .engines import Calibration
+
+    return {
+        s.name: Calibration(given[s.name])
+        if s.name in given
+        else Calibration.from_images(paths, s, hashes=hashes)
+        for s in specs
+    }
 
 
 class _NoBar:

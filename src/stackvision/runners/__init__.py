@@ -38,6 +38,11 @@ def extract_features(
         from ..extract import extract
 
         return extract(paths, specs, **kwargs)
+    if kwargs.get("precision", "fp32") == "int8":
+        raise StackvisionError(
+            "precision int8 is not available with the Ray runner",
+            "use --precision fp32, or --runner local for int8",
+        )
     from .ray_runner import extract_ray
 
     return extract_ray(paths, specs, ray_address=ray_address, actors=ray_actors, **kwargs)
