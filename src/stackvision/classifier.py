@@ -370,7 +370,7 @@ class StackedClassifier:
                     precision=self.precision,
                     cache_dir=FeatureCache(self.cache_dir).base,
                     calibration=Calibration(self.calibration_[spec.name])
-                    if self.calibration_
+                    if getattr(self, "calibration_", None)
                     else None,
                 )
             x = resize_uint8(batch, spec.preprocess.input_size)
@@ -414,7 +414,7 @@ class StackedClassifier:
             "tta": manifest.get("tta"),
             "temperature": self.temperature_,
             "precision": self.precision,
-            "calibration": self.calibration_,
+            "calibration": getattr(self, "calibration_", None),
             "metrics": manifest.get("metrics"),
             "created": manifest.get("created"),
             "stackvision_version": manifest.get("stackvision_version"),
@@ -443,7 +443,7 @@ class StackedClassifier:
             "n_heads": len(self.heads_),
             "temperature": self.temperature_,
             "precision": self.precision,
-            "calibration": self.calibration_,
+            "calibration": getattr(self, "calibration_", None),
             "class_weight": self.class_weight,
             "seed": self.seed,
             "training": {

@@ -240,7 +240,7 @@ def cmd_extract(args) -> int:
         pool=args.pool,
         cache=FeatureCache(rt["cache_dir"]),
         engine=rt["engine"],
-        precision=rt["precision"],
+        precision=rt.get("precision", "fp32"),
         device=rt["device"],
         batch_size=rt["batch_size"],
         workers=rt["workers"],
@@ -279,7 +279,7 @@ def cmd_extract(args) -> int:
             views=views,
             pool=args.pool,
             cache=FeatureCache(rt["cache_dir"]),
-            numbers=numbers_id(rt["engine"], rt["precision"]),
+            numbers=numbers_id(rt["engine"], rt.get("precision", "fp32")),
             labels=labels,
             classes=listing.classes if labels else None,
             rows_per_shard=args.shard_rows,
@@ -531,6 +531,9 @@ _NO_RUNTIME = {
     "workers": None,
     "strict": False,
     "quiet": True,
+    "runner": "local",
+    "ray_address": None,
+    "ray_actors": None,
 }
 
 
