@@ -203,28 +203,10 @@ def extract(
         bar.close()
     t_compute = time.perf_counter() - t1
 
-    if failed and strict:
-        i = min(failed)
-        raise StackvisionError(
-            f"bad image {paths[i]}: {failed[i]}",
-            "remove or replace it, or run without --strict to skip bad images",
-        )
-
     # 4. Assemble the blocks for every usable image.
-    keep = [i for i in range(len(paths)) if i not in failed]
-    kept_hashes = [hashes[i] for i in keep]
-    blocks = {}
-    for s in specs if assemble else ():
-        per_view = []
-        for v in views:
-            got = stores[s.name].get_many(kept_hashes, v)
-            per_view.append(
-                np.stack([got[h] for h in kept_hashes])
-                if keep
-                else np.zeros((0, s.feature_dim), np.float32)
-            )
-        blocks[s.name] = np.stack(per_view, axis=1)
-    problems = [Problem(paths[i], failed[i]) for i in sorted(failed)]
+    keep, kept_hashes, blocks, problems = collect(
+        paths, hashes, failed, stores, specs, views, strict=strict, assemble=assemble
+    )
     n_new = len(need) - sum(1 for i in need if i in failed)
     stats = {
         "n_images": len(paths),
@@ -248,6 +230,32 @@ def extract(
         problems=problems,
         stats=stats,
     )
+
+
+def collect(paths, hashes, failed, stores, specs, views, *, strict=False, assemble=True):
+    """The end of every runner: stop on a bad image with ``strict``, else read the usable images'
+    features back from the stores. Returns (kept indices, their hashes, blocks, problems)."""
+    if failed and strict:
+        i = min(failed)
+        raise StackvisionError(
+            f"bad image {paths[i]}: {failed[i]}",
+            "remove or replace it, or run without --strict to skip bad images",
+        )
+    keep = [i for i in range(len(paths)) if i not in failed]
+    kept_hashes = [hashes[i] for i in keep]
+    blocks = {}
+    for s in specs if assemble else ():
+        per_view = []
+        for v in views:
+            got = stores[s.name].get_many(kept_hashes, v)
+            per_view.append(
+                np.stack([got[h] for h in kept_hashes])
+                if keep
+                else np.zeros((0, s.feature_dim), np.float32)
+            )
+        blocks[s.name] = np.stack(per_view, axis=1)
+    problems = [Problem(paths[i], failed[i]) for i in sorted(failed)]
+    return keep, kept_hashes, blocks, problems
 
 
 def _calibrations(paths, hashes, specs, precision, given: dict[str, str]) -> dict:

@@ -30,10 +30,9 @@ import numpy as np
 
 from ..backbones import BackboneSpec
 from ..cache import VIEWS, FeatureCache, content_hash, store_fields
-from ..data import Problem
 from ..engines import numbers_id
 from ..errors import StackvisionError
-from ..extract import Features
+from ..extract import Features, collect
 from ..images import ImageDecodeError, decode, read_bytes
 
 RAY_PIP = "pip install 'stackvision[ray]'"
@@ -348,28 +347,10 @@ def extract_ray(
         if h in bad_hashes:
             failed[i] = bad_hashes[h]
 
-    if failed and strict:
-        i = min(failed)
-        raise StackvisionError(
-            f"bad image {paths[i]}: {failed[i]}",
-            "remove or replace it, or run without --strict to skip bad images",
-        )
-
     # 4. Assemble the blocks for every usable image (from the cache, as the local runner does).
-    keep = [i for i in range(len(paths)) if i not in failed]
-    kept_hashes = [hashes[i] for i in keep]
-    blocks = {}
-    for s in specs if assemble else ():
-        per_view = []
-        for v in views:
-            got = stores[s.name].get_many(kept_hashes, v)
-            per_view.append(
-                np.stack([got[h] for h in kept_hashes])
-                if keep
-                else np.zeros((0, s.feature_dim), np.float32)
-            )
-        blocks[s.name] = np.stack(per_view, axis=1)
-    problems = [Problem(paths[i], failed[i]) for i in sorted(failed)]
+    keep, kept_hashes, blocks, problems = collect(
+        paths, hashes, failed, stores, specs, views, strict=strict, assemble=assemble
+    )
     n_new = sum(1 for i, h in enumerate(hashes) if h in first and i not in failed)
     stats = {
         "runner": "ray",
