@@ -62,13 +62,15 @@ class _Head:
 class LogRegHead(_Head):
     """Multinomial logistic regression with an L2 penalty, on standardised features.
 
+    Defaults from 5-fold CV on imagewoof/train (lite0+lite1+lite2, flip): C=0.02 beat 0.05 and
+    0.1 on log loss; 60 L-BFGS iterations are within 0.001 log loss of 200 at a third of the time.
     Same objective as scikit-learn's ``LogisticRegression(C=C)`` (mean loss + ||W||^2 / (2 C n)),
     solved with full-batch L-BFGS in torch: on 3,840-dim stacked features it is an order of
     magnitude faster than scikit-learn's scipy L-BFGS-B here (measured: 8.6 s vs 0.5 s a fold).
     """
 
     kind = "logreg"
-    defaults = {"C": 0.05, "max_iter": 200}
+    defaults = {"C": 0.02, "max_iter": 60}
 
     def fit(self, X, y, n_classes, X_val=None, y_val=None, sample_weight=None, seed=0, init=None):
         """``init``: a fitted LogRegHead to start from (the problem is convex, so this only
