@@ -105,7 +105,7 @@ class Augment:
             return a + (b - a) * float(torch.rand((), generator=gen))
 
         h, w = img.shape[:2]
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
         if self.zoom < 1:
             # Random-resized crop: an area fraction in [zoom, 1], aspect ratio in [3/4, 4/3].
             area = u(self.zoom, 1.0) * h * w

@@ -575,6 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_runtime_options(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    from .cli_finetune import add_parsers as add_finetune_parsers
+
+    add_finetune_parsers(sub)  # finetune, augment-preview, ensemble
     return p
 
 
