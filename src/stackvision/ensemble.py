@@ -413,7 +413,9 @@ class EnsembleClassifier:
             "method": self.method_,
             "methods_fitted": ["mean", *[k for k in self.fitted_ if k != "mean"]],
             "members": member_entries,
-            "weights": None if self.weights_ is None else [float(v) for v in self.weights_],
+            "member_weights": (
+                None if self.weights_ is None else [float(v) for v in self.weights_]
+            ),
             "stacked": (
                 {"C": self.fitted_["stacked"].params["C"], "input": "log-probabilities"}
                 if "stacked" in self.fitted_
