@@ -182,7 +182,7 @@ class EnsembleClassifier:
                     seen.add(p.path)
                     problems.append(p)
         usable = set(X) - seen
-        paths = [p for p in dict.fromkeys(X) if p in usable]
+        paths = [p for p in X if p in usable]  # input order, duplicates kept
         P = []
         for pr, cols in zip(preds, self._columns):
             row = {p: i for i, p in enumerate(pr.paths)}
