@@ -863,6 +863,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="local checkpoint for a backbone (repeatable)",
     )
     sv.set_defaults(func=cmd_serve)
+
+    from .cli_finetune import add_parsers as add_finetune_parsers
+
+    add_finetune_parsers(sub)  # finetune, augment-preview, ensemble
     return p
 
 

@@ -15,6 +15,8 @@ from .model_dir import read_manifest
 # kind -> "module:Class"; the class's ``load(path, **runtime)`` reads that kind's directory.
 MODEL_KINDS = {
     "stack": "stackvision.classifier:StackedClassifier",
+    "finetune": "stackvision.finetune:FineTunedClassifier",
+    "ensemble": "stackvision.ensemble:EnsembleClassifier",
 }
 
 
