@@ -61,7 +61,11 @@ def write_section(name: str, body: str, path: str | None = None) -> str:
 
 def md_table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.4f}"
+        return str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]

@@ -148,7 +148,7 @@ def main(argv=None):
 
 - Machine: {machine()}
 - Date: {today()}
-- Command: `{cmd}` (engine `{args.engine}`, cold feature cache)
+- Command: `{cmd}` (engine `{args.engine}`, {"feature cache given with --cache (warm if filled before; then extraction figures are blank)" if args.cache else "cold feature cache"})
 - Data: `imagewoof/train` ({len(Xtr)} images) for training, `imagewoof/val` ({len(Xva)} images) for evaluation.
   Imagewoof images come from ImageNet, which the backbones were pretrained on: the figures flatter
   the backbones; use them to compare methods, not as a promise for your data.
