@@ -23,6 +23,7 @@ from .extract import Features
 from .heads import HEADS, make_head
 from .metrics import classification_metrics, summary_row
 from .model_dir import read_manifest, read_tensors, write_model_dir
+from .models import PredictMixin
 from .runners import extract_features
 from .validation import (
     apply_temperature,
@@ -56,7 +57,7 @@ class Predictions:
         ]
 
 
-class StackedClassifier:
+class StackedClassifier(PredictMixin):
     """Frozen pretrained backbones -> concatenated pooled features -> k-fold heads, flip TTA,
     temperature-calibrated fold ensemble.
 
@@ -306,30 +307,6 @@ class StackedClassifier:
             else np.zeros((0, len(self.classes_)))
         )
         return Predictions(feats.paths, proba, list(self.classes_), feats.problems, feats.stats)
-
-    def predict_proba(self, X: Sequence[str]) -> np.ndarray:
-        """(n_images, n_classes) probabilities, columns in ``classes_`` order.
-
-        Raises :class:`StackvisionError` naming the first unusable image, so rows always align
-        with ``X``; use :meth:`predict_paths` to skip bad images instead.
-        """
-        pred = self.predict_paths(X)
-        if pred.problems:
-            p = pred.problems[0]
-            raise StackvisionError(
-                f"bad image {p.path}: {p.reason}",
-                "remove it, or use predict_paths() to skip bad images",
-            )
-        return pred.proba
-
-    def predict(self, X: Sequence[str]) -> np.ndarray:
-        """Predicted class name of each image in ``X``."""
-        self._check_fitted()
-        return np.asarray(self.classes_, dtype=object)[self.predict_proba(X).argmax(axis=1)]
-
-    def score(self, X: Sequence[str], y: Sequence) -> float:
-        """Mean accuracy on images ``X`` with labels ``y``."""
-        return float(np.mean(self.predict(X) == np.asarray([str(v) for v in y], dtype=object)))
 
     # ------------------------------------------------------------------ fixed-size input (export, serving)
     def input_preprocess(self):

@@ -36,6 +36,7 @@ from .errors import StackvisionError
 from .heads import LogRegHead, softmax
 from .metrics import classification_metrics, log_loss, summary_row
 from .model_dir import read_manifest, read_tensors, write_model_dir
+from .models import PredictMixin
 
 METHODS = ("mean", "weighted", "stacked")
 STACKED_C_GRID = (0.01, 0.1, 1.0)
@@ -106,7 +107,7 @@ def combine_stacked(P: np.ndarray, head: LogRegHead) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- the model
-class EnsembleClassifier:
+class EnsembleClassifier(PredictMixin):
     """Saved models of any kind combined by ``mean``, ``weighted`` or ``stacked`` (see module doc).
 
     ``members``: model directories (or loaded models that have a ``save``). ``method``: one of
@@ -321,22 +322,6 @@ class EnsembleClassifier:
         """(paths, (K, N, C) probabilities of each member in ``classes_`` order, problems)."""
         self._check_fitted()
         return self._member_probas(X)
-
-    def predict_proba(self, X: Sequence[str]) -> np.ndarray:
-        pred = self.predict_paths(X)
-        if pred.problems:
-            p = pred.problems[0]
-            raise StackvisionError(
-                f"bad image {p.path}: {p.reason}",
-                "remove it, or use predict_paths() to skip bad images",
-            )
-        return pred.proba
-
-    def predict(self, X: Sequence[str]) -> np.ndarray:
-        return np.asarray(self.classes_, dtype=object)[self.predict_proba(X).argmax(axis=1)]
-
-    def score(self, X: Sequence[str], y: Sequence) -> float:
-        return float(np.mean(self.predict(X) == np.asarray([str(v) for v in y], dtype=object)))
 
     def to_torch_module(self):
         """uint8 (N, S, S, 3) -> (N, C) probabilities of the chosen method, for export.

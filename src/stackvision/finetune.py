@@ -45,6 +45,7 @@ from .errors import StackvisionError
 from .images import ImageDecodeError, load_rgb
 from .metrics import classification_metrics, summary_row
 from .model_dir import read_manifest, read_tensors, write_model_dir
+from .models import PredictMixin
 from .preprocess import Preprocess
 from .validation import apply_temperature, fit_temperature, holdout_split
 
@@ -203,7 +204,7 @@ def _export_module(net, pp: Preprocess, n_classes: int, tta: str, temperature: f
 
 
 # ---------------------------------------------------------------------- the classifier
-class FineTunedClassifier:
+class FineTunedClassifier(PredictMixin):
     """A pretrained backbone + new dense head, fine-tuned in two phases (see the module doc).
 
     ``fit(paths, labels)`` trains; ``save``/``load`` use the model directory format (kind
@@ -796,23 +797,6 @@ class FineTunedClassifier:
             "images_per_second": round(len(kept) / secs, 2) if kept and secs > 0 else None,
         }
         return Predictions(kept, proba, list(self.classes_), problems, stats)
-
-    def predict_proba(self, X: Sequence[str]) -> np.ndarray:
-        """(n_images, n_classes) probabilities; raises on the first unusable image."""
-        pred = self.predict_paths(X)
-        if pred.problems:
-            p = pred.problems[0]
-            raise StackvisionError(
-                f"bad image {p.path}: {p.reason}",
-                "remove it, or use predict_paths() to skip bad images",
-            )
-        return pred.proba
-
-    def predict(self, X: Sequence[str]) -> np.ndarray:
-        return np.asarray(self.classes_, dtype=object)[self.predict_proba(X).argmax(axis=1)]
-
-    def score(self, X: Sequence[str], y: Sequence) -> float:
-        return float(np.mean(self.predict(X) == np.asarray([str(v) for v in y], dtype=object)))
 
     def to_torch_module(self):
         """A ``torch.nn.Module`` for export: uint8 (N, S, S, 3) RGB -> (N, C) probabilities.

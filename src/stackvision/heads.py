@@ -63,7 +63,8 @@ class LogRegHead(_Head):
     """Multinomial logistic regression with an L2 penalty, on standardised features.
 
     Defaults from 5-fold CV on imagewoof/train (lite0+lite1+lite2, flip): C=0.02 beat 0.05 and
-    0.1 on log loss; 60 L-BFGS iterations are within 0.001 log loss of 200 at a third of the time.
+    0.1 on log loss; stopping when the loss changes by < 1e-5 (or at 60 iterations) is within
+    0.001 log loss of 200 iterations at a quarter of the time (30 s vs 120 s for 5 folds here).
     Same objective as scikit-learn's ``LogisticRegression(C=C)`` (mean loss + ||W||^2 / (2 C n)),
     solved with full-batch L-BFGS in torch: on 3,840-dim stacked features it is an order of
     magnitude faster than scikit-learn's scipy L-BFGS-B here (measured: 8.6 s vs 0.5 s a fold).
@@ -72,9 +73,7 @@ class LogRegHead(_Head):
     kind = "logreg"
     defaults = {"C": 0.02, "max_iter": 60}
 
-    def fit(self, X, y, n_classes, X_val=None, y_val=None, sample_weight=None, seed=0, init=None):
-        """``init``: a fitted LogRegHead to start from (the problem is convex, so this only
-        saves iterations: k-fold heads share most of their rows)."""
+    def fit(self, X, y, n_classes, X_val=None, y_val=None, sample_weight=None, seed=0):
         import torch
         import torch.nn.functional as F
 
@@ -87,19 +86,17 @@ class LogRegHead(_Head):
             else torch.from_numpy(np.asarray(sample_weight, np.float32))
         )
         lam = 1.0 / (float(self.params["C"]) * float(sw.sum()))
-        if isinstance(init, LogRegHead) and init.coef_.shape == (n_classes, X.shape[1]):
-            W = torch.tensor(init.coef_.T.copy(), requires_grad=True)
-            b = torch.tensor(init.intercept_.copy(), requires_grad=True)
-        else:
-            W = torch.zeros(X.shape[1], n_classes, requires_grad=True)
-            b = torch.zeros(n_classes, requires_grad=True)
+        # No warm start from another fold's head: that head saw this fold's validation rows, and
+        # L-BFGS stops before the exact optimum, so the out-of-fold scores would be optimistic.
+        W = torch.zeros(X.shape[1], n_classes, requires_grad=True)
+        b = torch.zeros(n_classes, requires_grad=True)
         opt = torch.optim.LBFGS(
             [W, b],
             lr=1.0,
             max_iter=int(self.params["max_iter"]),
             history_size=20,
             tolerance_grad=1e-6,
-            tolerance_change=1e-10,
+            tolerance_change=1e-5,
             line_search_fn="strong_wolfe",
         )
 
@@ -166,7 +163,7 @@ class MLPHead(_Head):
             nn.Linear(h, n_classes),
         )
 
-    def fit(self, X, y, n_classes, X_val=None, y_val=None, sample_weight=None, seed=0, init=None):
+    def fit(self, X, y, n_classes, X_val=None, y_val=None, sample_weight=None, seed=0):
         import torch
         import torch.nn.functional as F
 

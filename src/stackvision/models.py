@@ -8,6 +8,9 @@ them alike: ``classes_``, ``predict_paths(paths) -> Predictions``, ``predict_pro
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
+
+import numpy as np
 
 from .errors import StackvisionError
 from .model_dir import read_manifest
@@ -18,6 +21,34 @@ MODEL_KINDS = {
     "finetune": "stackvision.finetune:FineTunedClassifier",
     "ensemble": "stackvision.ensemble:EnsembleClassifier",
 }
+
+
+class PredictMixin:
+    """``predict_proba``, ``predict`` and ``score`` on top of a kind's ``predict_paths``."""
+
+    def predict_proba(self, X: Sequence[str]) -> np.ndarray:
+        """(n_images, n_classes) probabilities, columns in ``classes_`` order.
+
+        Raises :class:`StackvisionError` naming the first unusable image, so rows always align
+        with ``X``; use ``predict_paths`` to skip bad images instead.
+        """
+        pred = self.predict_paths(X)
+        if pred.problems:
+            p = pred.problems[0]
+            raise StackvisionError(
+                f"bad image {p.path}: {p.reason}",
+                "remove it, or use predict_paths() to skip bad images",
+            )
+        return pred.proba
+
+    def predict(self, X: Sequence[str]) -> np.ndarray:
+        """Predicted class name of each image in ``X``."""
+        proba = self.predict_proba(X)  # first: it checks the model is fitted
+        return np.asarray(self.classes_, dtype=object)[proba.argmax(axis=1)]
+
+    def score(self, X: Sequence[str], y: Sequence) -> float:
+        """Mean accuracy on images ``X`` with labels ``y``."""
+        return float(np.mean(self.predict(X) == np.asarray([str(v) for v in y], dtype=object)))
 
 
 def model_class(kind: str):

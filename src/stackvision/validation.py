@@ -49,9 +49,7 @@ class FoldResult:
     histories: list[list[dict]] = field(default_factory=list)
 
 
-def fit_head(
-    kind, params, X, y, n_classes, train_idx, val_idx, n_views, class_weight=None, seed=0, init=None
-):
+def fit_head(kind, params, X, y, n_classes, train_idx, val_idx, n_views, class_weight=None, seed=0):
     """Fit one head on ``train_idx`` (all used views), validating on ``val_idx`` (view-averaged)."""
     Xtr = _rows(X, train_idx, n_views)
     ytr = np.repeat(y[train_idx], n_views)
@@ -61,7 +59,7 @@ def fit_head(
     Xv = X[val_idx, 0] if val_idx is not None and len(val_idx) else None
     yv = y[val_idx] if Xv is not None else None
     head = make_head(kind, params)
-    head.fit(Xtr, ytr, n_classes, Xv, yv, sample_weight=sw, seed=seed, init=init)
+    head.fit(Xtr, ytr, n_classes, Xv, yv, sample_weight=sw, seed=seed)
     return head
 
 
@@ -83,7 +81,6 @@ def cross_validate(
             n_views,
             class_weight,
             seed + fi,
-            init=res.heads[-1] if res.heads else None,
         )
         res.heads.append(head)
         res.histories.append(head.history)
