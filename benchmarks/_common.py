@@ -13,17 +13,20 @@ SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
 def machine() -> str:
+    """CPU model, cores, RAM and the GPU (or "no GPU")."""
+    gpu = _gpu()
+    return f"{cpu_description()}, " + (f"GPU {gpu}" if gpu else "no GPU")
+
+
+def cpu_description() -> str:
+    """CPU model (from lscpu), cores and RAM."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         model = re.search(r"Model name:\s*(.+)", out).group(1).strip()
     except Exception:
         model = platform.processor() or "unknown CPU"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU"
-        if not _gpu()
-        else f"{model}, {os.cpu_count()} cores, GPU {_gpu()}"
-    )
+    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM"
 
 
 def _gpu() -> str | None:

@@ -24,7 +24,6 @@ import datetime as dt
 import functools
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -35,6 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from _common import cpu_description as machine
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "imagewoof"
@@ -194,18 +195,6 @@ def rss_child(n: int, backbone: str, engine: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
-            platform.processor(),
-        )
-    except OSError:
-        model = platform.processor()
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def main(argv=None) -> None:

@@ -23,26 +23,15 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import re
-import subprocess
 import sys
 import time
 
 import numpy as np
 
+from _common import cpu_description as machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOWERS = os.path.join(os.path.dirname(ROOT), "shared", "data", "flowers5")
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-    except Exception:
-        model = platform.processor() or "unknown CPU"
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM"
 
 
 def md_table(rows, cols) -> str:

@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import datetime as dt
 import os
-import platform
-import re
 import shlex
 import socket
 import subprocess
@@ -29,19 +27,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from _common import cpu_description as machine
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "imagewoof"
 CLASSES = ["n02086240", "n02087394", "n02088364", "n02099601"]
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-    except Exception:
-        model = platform.processor() or "unknown CPU"
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM"
 
 
 def train_model(out: Path, backbones: str, cache: str) -> Path:
