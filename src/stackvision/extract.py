@@ -94,13 +94,7 @@ def extract(
     before (prediction with a model trained in int8). The keys used are in ``stats["calibration"]``
     and are part of the store key, since int8 features depend on the calibration images.
     """
-    for v in views:
-        if v not in VIEWS:
-            raise StackvisionError(f"unknown view '{v}'", f"use {' or '.join(VIEWS)}")
-    if batch_size < 1:
-        raise StackvisionError(
-            f"batch size must be at least 1, got {batch_size}", "use --batch-size 32"
-        )
+    check_args(views, batch_size)
     views = tuple(views)
     workers = workers or default_workers()
     cache = cache or FeatureCache()
@@ -126,11 +120,7 @@ def extract(
     }
 
     # 2. Which (image, backbone) pairs are missing any requested view.
-    live = [h for h in hashes if h is not None]
-    todo = {
-        name: set().union(*(store.missing(live, v) for v in views))
-        for name, store in stores.items()
-    }
+    live, todo = missing(stores, hashes, views)
     need = [i for i, h in enumerate(hashes) if h is not None and any(h in t for t in todo.values())]
     need = list(dict.fromkeys(need))
     n_cached = len(live) - len(need)
@@ -230,6 +220,27 @@ def extract(
         problems=problems,
         stats=stats,
     )
+
+
+def check_args(views, batch_size) -> None:
+    """The argument checks every runner makes before touching a file."""
+    for v in views:
+        if v not in VIEWS:
+            raise StackvisionError(f"unknown view '{v}'", f"use {' or '.join(VIEWS)}")
+    if batch_size < 1:
+        raise StackvisionError(
+            f"batch size must be at least 1, got {batch_size}", "use --batch-size 32"
+        )
+
+
+def missing(stores, hashes, views) -> tuple[list[str], dict[str, set[str]]]:
+    """The usable hashes, and per backbone the hashes that lack any of ``views`` in its store."""
+    live = [h for h in hashes if h is not None]
+    todo = {
+        name: set().union(*(store.missing(live, v) for v in views))
+        for name, store in stores.items()
+    }
+    return live, todo
 
 
 def collect(paths, hashes, failed, stores, specs, views, *, strict=False, assemble=True):

@@ -29,10 +29,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..backbones import BackboneSpec
-from ..cache import VIEWS, FeatureCache, content_hash, store_fields
+from ..cache import FeatureCache, content_hash, store_fields
 from ..engines import numbers_id
 from ..errors import StackvisionError
-from ..extract import Features, collect
+from ..extract import Features, check_args, collect, missing
 from ..images import ImageDecodeError, decode, read_bytes
 
 RAY_PIP = "pip install 'stackvision[ray]'"
@@ -218,13 +218,7 @@ def extract_ray(
     :func:`stackvision.extract.extract`, plus ``ray_address``, ``actors`` (per backbone; default:
     one per GPU, or the cluster's CPUs less one) and ``cpus_per_actor`` (default 1; also the torch
     threads of each actor). ``workers`` is unused: Ray schedules the read/decode tasks."""
-    for v in views:
-        if v not in VIEWS:
-            raise StackvisionError(f"unknown view '{v}'", f"use {' or '.join(VIEWS)}")
-    if batch_size < 1:
-        raise StackvisionError(
-            f"batch size must be at least 1, got {batch_size}", "use --batch-size 32"
-        )
+    check_args(views, batch_size)
     if actors is not None and actors < 1:
         raise StackvisionError(f"--ray-actors must be at least 1, got {actors}", "e.g. 2")
     ray = connect(ray_address)
@@ -256,11 +250,7 @@ def extract_ray(
     t_hash = time.perf_counter() - t0
 
     # 2. What the cache lacks (the same question the local runner asks).
-    live = [h for h in hashes if h is not None]
-    todo = {
-        name: set().union(*(store.missing(live, v) for v in views))
-        for name, store in stores.items()
-    }
+    live, todo = missing(stores, hashes, views)
     first: dict[str, int] = {}  # one row per distinct missing image: duplicates computed once
     for i, h in enumerate(hashes):
         if h is not None and h not in first and any(h in t for t in todo.values()):
