@@ -5,10 +5,14 @@ For each backbone, on the same images (imagewoof val), alternating the methods r
 1. plain: timm eager model, PIL decode + timm eval transform, a Python loop of batches of 32;
 2. stackvision fp32: ``stackvision.extract.extract`` with a fresh, empty feature cache (hashing,
    decode threads, the ``auto`` engine, cache writes -- the whole pipeline);
-3. stackvision int8: the same with ``precision="int8"`` (calibrated on 300 of the images).
+3. stackvision int8: the same with ``precision="int8"`` (calibrated on 300 of the images);
+4. stackvision bf16 (OpenVINO), where the CPU computes it natively.
+
+Each round also re-measures the fp32 engine's model-only throughput (a pre-decoded uint8 batch),
+so "end to end / model-only" compares runs made minutes apart, not a figure from the start.
 
 Also: model-only throughput of each engine (a pre-decoded uint8 batch, no decoding), so the
-pipeline's share is visible; the int8 accuracy cost (5-fold logistic regression on the extracted
+pipeline's share is visible; the int8 and bf16 accuracy cost (5-fold logistic regression on the extracted
 features, pretrained backbones only); peak RSS for extracting 1,000 vs 10,000 images (lite0, each
 in a subprocess). One-off costs (ONNX export, int8 calibration) are timed separately: they are paid
 once per backbone and cached on disk.
@@ -291,36 +295,53 @@ def main(argv=None) -> None:
         for k, v in mo.items():
             print(f"   model-only {k}: {v:.1f} img/s", flush=True)
             model_rows.append((name, k, v))
-        del fp32, int8
+        del int8
+        has_bf16 = "openvino bf16" in mo
 
-        # End to end, alternating.
-        speeds: dict[str, list[float]] = {"plain": [], "fp32": [], "int8": []}
+        # End to end, alternating; the fp32 engine's model-only rate is re-measured in every round,
+        # next to its end-to-end run, so their ratio is not skewed by the machine's drift.
+        kinds = ["plain", "model-only", "fp32"] + (["int8"] if picked8 else [])
+        kinds += ["bf16"] if has_bf16 else []
+        speeds: dict[str, list[float]] = {k: [] for k in kinds}
+        ratios: list[float] = []
         feats = {}
         for r in range(args.rounds):
             s, feats["plain"] = plain(spec, paths, args.batch_size)
             speeds["plain"].append(s)
-            print(f"   round {r}: plain {s:.1f} img/s", flush=True)
+            speeds["model-only"].append(model_only(fp32, batch, args.model_reps))
             s, feats["fp32"] = pipeline(
                 spec, paths, args.batch_size, picked, "fp32", engines_root, calibration
             )
             speeds["fp32"].append(s)
-            print(f"   round {r}: stackvision fp32 {s:.1f} img/s", flush=True)
-            if picked8:
-                s, feats["int8"] = pipeline(
-                    spec, paths, args.batch_size, picked8, "int8", engines_root, calibration
-                )
-                speeds["int8"].append(s)
-                print(f"   round {r}: stackvision int8 {s:.1f} img/s", flush=True)
+            ratios.append(s / speeds["model-only"][-1])
+            for prec, eng_name in (("int8", picked8), ("bf16", "openvino")):
+                if prec in speeds:
+                    s, feats[prec] = pipeline(
+                        spec, paths, args.batch_size, eng_name, prec, engines_root, calibration
+                    )
+                    speeds[prec].append(s)
+            print(
+                f"   round {r}: "
+                + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items())
+                + f" img/s; fp32 end to end / model-only {ratios[-1]:.0%}",
+                flush=True,
+            )
+        del fp32
         med = {k: statistics.median(v) for k, v in speeds.items() if v}
+        med["ratio"] = statistics.median(ratios)
         diff = float(np.abs(feats["fp32"] - feats["plain"]).max() / np.abs(feats["plain"]).max())
         rows.append((name, med, t_export, t_quant, diff))
         print(f"   max |fp32 - plain| / max |plain| = {diff:.2e}", flush=True)
-        if pretrained and "int8" in feats:
-            a32, a8 = cv_accuracy(feats["fp32"], labels), cv_accuracy(feats["int8"], labels)
-            f32, f8 = feats["fp32"], feats["int8"]
-            cos = (f32 * f8).sum(1) / (np.linalg.norm(f32, axis=1) * np.linalg.norm(f8, axis=1))
-            acc_rows.append((name, a32, a8, float(cos.mean())))
-            print(f"   5-fold LR accuracy fp32 {a32:.4f} int8 {a8:.4f}", flush=True)
+        if pretrained:
+            a32 = cv_accuracy(feats["fp32"], labels)
+            for prec in ("int8", "bf16"):
+                if prec not in feats:
+                    continue
+                f32, fl = feats["fp32"], feats[prec]
+                cos = (f32 * fl).sum(1) / (np.linalg.norm(f32, axis=1) * np.linalg.norm(fl, axis=1))
+                alow = cv_accuracy(fl, labels)
+                acc_rows.append((name, prec, a32, alow, float(cos.mean())))
+                print(f"   5-fold LR accuracy fp32 {a32:.4f} {prec} {alow:.4f}", flush=True)
 
     # Peak RSS, each size in its own process.
     rss_rows = []
@@ -347,29 +368,33 @@ def main(argv=None) -> None:
         f"Command: `{cmd}`",
         "",
         f"{len(paths)} imagewoof val images, batch {args.batch_size}, {args.rounds} round(s) "
-        f"alternating plain / fp32 / int8 (median). Stackvision engine: `{args.engine}` -> "
+        f"alternating plain / fp32 model-only / fp32 / int8 / bf16 (median). Stackvision engine: `{args.engine}` -> "
         f"{picked}, int8 -> {picked8}. Inception v3 is at random init (timing only). "
         f"1-min load average at start / end: {load_start:.1f} / {os.getloadavg()[0]:.1f} "
         f"(anything above ~0.2 means other jobs shared the {os.cpu_count()} cores).",
         "",
         "### End to end (decode + model + cache writes), images/s",
         "",
-        "| backbone | plain timm loop | stackvision fp32 | stackvision int8 | fp32/plain "
-        "| int8/plain | one-off export | one-off int8 calibration | max abs diff fp32 vs plain / max abs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backbone | plain timm loop | stackvision fp32 | fp32/plain | fp32 model-only "
+        "| fp32 end to end / model-only | stackvision int8 | int8/plain | stackvision bf16 "
+        "| bf16/plain | one-off export | one-off int8 calibration "
+        "| max abs diff fp32 vs plain / max abs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def rate(med, k):
+        return (f"{med[k]:.1f}", f"{med[k] / med['plain']:.2f}x") if k in med else ("-", "-")
+
     for name, med, te, tq, diff in rows:
-        p32, i8 = med["plain"], med.get("int8")
-        i8_s = f"{i8:.1f}" if i8 else "-"
-        i8_r = f"{i8 / p32:.2f}x" if i8 else "-"
         tq_s = f"{tq:.1f} s" if tq is not None else "-"
-        lines.append(
-            f"| {name} | {p32:.1f} | {med['fp32']:.1f} | {i8_s} | {med['fp32'] / p32:.2f}x | "
-            f"{i8_r} | {te:.1f} s | {tq_s} | {diff:.1e} |"
-        )
+        cells = [name, f"{med['plain']:.1f}", *rate(med, "fp32")]
+        cells += [f"{med['model-only']:.1f}", f"{med['ratio']:.0%}"]
+        cells += [*rate(med, "int8"), *rate(med, "bf16"), f"{te:.1f} s", tq_s, f"{diff:.1e}"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "### Model only (pre-decoded uint8 batch, no decoding), images/s",
+        "### Model only (pre-decoded uint8 batch, no decoding), images/s, measured once before "
+        "the rounds",
         "",
         "| backbone | engine | img/s |",
         "|---|---|---:|",
@@ -378,13 +403,14 @@ def main(argv=None) -> None:
     if acc_rows:
         lines += [
             "",
-            "### int8 accuracy cost (5-fold logistic regression on the extracted features)",
+            "### Accuracy cost of int8 and bf16 (5-fold logistic regression on the extracted "
+            "features)",
             "",
-            "| backbone | fp32 acc | int8 acc | cost (points) | mean cosine int8 vs fp32 |",
-            "|---|---:|---:|---:|---:|",
+            "| backbone | precision | fp32 acc | its acc | cost (points) | mean cosine vs fp32 |",
+            "|---|---|---:|---:|---:|---:|",
             *[
-                f"| {n} | {a:.4f} | {b:.4f} | {100 * (a - b):+.2f} | {c:.4f} |"
-                for n, a, b, c in acc_rows
+                f"| {n} | {p} | {a:.4f} | {b:.4f} | {100 * (a - b):+.2f} | {c:.4f} |"
+                for n, p, a, b, c in acc_rows
             ],
         ]
     if rss_rows:

@@ -94,6 +94,39 @@ def test_export_is_cached_and_reused(spec, cache_dir):
 
 
 @needs_ov
+def test_openvino_compiled_blob_is_reused_and_a_damaged_one_rebuilt(
+    spec, batch, reference, tmp_path
+):
+    first = create_engine(spec, engine="openvino", cache_dir=str(tmp_path))
+    blobs = list((tmp_path / "engines").glob("*.blob"))
+    assert len(blobs) == 1 and blobs[0].stat().st_size > 100_000
+    calls = []
+    import openvino as ov
+
+    orig = ov.Core.compile_model
+
+    def spy(self, *a, **k):
+        calls.append(a)
+        return orig(self, *a, **k)
+
+    ov.Core.compile_model = spy
+    try:
+        again = create_engine(spec, engine="openvino", cache_dir=str(tmp_path))
+        assert calls == []  # imported from the blob, not compiled
+        np.testing.assert_array_equal(again.features(batch), first.features(batch))
+        # Another thread count is another blob; a damaged blob is compiled again and replaced.
+        create_engine(spec, engine="openvino", cache_dir=str(tmp_path), threads=1)
+        assert len(calls) == 1 and len(list((tmp_path / "engines").glob("*.blob"))) == 2
+        blobs[0].write_bytes(b"not a compiled model")
+        fixed = create_engine(spec, engine="openvino", cache_dir=str(tmp_path))
+        assert len(calls) == 2 and blobs[0].stat().st_size > 100_000
+    finally:
+        ov.Core.compile_model = orig
+    assert np.abs(fixed.features(batch) - reference).max() < 1e-3
+    assert not [f for f in os.listdir(tmp_path / "engines") if ".tmp" in f]
+
+
+@needs_ov
 def test_int8_openvino(spec, batch, reference, calib_paths, cache_dir):
     calib = Calibration.from_images(calib_paths, spec)
     eng = create_engine(

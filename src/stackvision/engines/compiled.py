@@ -11,6 +11,7 @@ On-disk layout, next to the feature cache (``root`` is the feature cache root)::
     root/engines/<key>.json                       what the key was made of, for people
     root/engines/<key>-int8-nncf-<calib>.xml/.bin  OpenVINO IR quantised by NNCF
     root/engines/<key>-int8-ort-<calib>.onnx       ONNX Runtime static QDQ quantisation
+    root/engines/<model>.ov-<hash>.blob           OpenVINO compiled model (openvino_engine.py)
 
 ``key`` = first 24 hex digits of sha256 over weights id, architecture, pool, preprocessing and the
 export format version; ``calib`` identifies the calibration set (see :class:`Calibration`). Files
