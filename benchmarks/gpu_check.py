@@ -1,0 +1,218 @@
+"""The GPU paths, run for real on a CUDA machine: engine numbers, extraction and fine-tuning speed.
+
+1. Features of the torch engine on the GPU vs on the CPU (lite0/1/2, real images): max abs
+   difference with TF32 convolutions off (what the engine does) and on (cuDNN's default).
+2. ``engine="auto"`` on a machine with a GPU resolves to torch on CUDA.
+3. End to end: ``extract`` on the GPU (decode threads on the CPU) vs model-only on the GPU, on
+   ``--n-images`` distinct JPEGs (random crops of the images given, when there are fewer).
+4. Fine-tuning lite0 on the GPU: epoch time and the loss going down.
+
+    python benchmarks/gpu_check.py --images ../shared/data/imagewoof/val --out gpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+EXT = (".jpeg", ".jpg", ".png")
+
+
+def listing(root: str) -> list[str]:
+    return sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in EXT)
+
+
+def make_jpegs(src: list[str], n: int, out: str) -> list[str]:
+    """``n`` distinct JPEGs: the source files, then random crops of them (seeded)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = list(src[:n])
+    os.makedirs(out, exist_ok=True)
+    i = 0
+    while len(paths) < n:
+        img = Image.open(src[i % len(src)]).convert("RGB")
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.6, 0.95)), int(h * rng.uniform(0.6, 0.95))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        p = os.path.join(out, f"crop{i:05d}.jpg")
+        img.crop((x, y, x + cw, y + ch)).resize((w, h)).save(p, quality=90)
+        paths.append(p)
+        i += 1
+    return paths
+
+
+def section(title, fn, lines):
+    print(f"== {title}", flush=True)
+    t = time.perf_counter()
+    try:
+        lines += [f"### {title}", "", *fn(), ""]
+    except Exception:
+        tb = traceback.format_exc()
+        print(tb, flush=True)
+        lines += [f"### {title}", "", "FAILED:", "", "```", tb.strip()[-3000:], "```", ""]
+    print(f"   ({time.perf_counter() - t:.1f} s)", flush=True)
+
+
+def check_features(images):
+    import torch
+
+    from stackvision.backbones import resolve
+    from stackvision.engines import create_engine
+    from stackvision.images import load_rgb
+
+    rows = ["| backbone | max abs diff, GPU (TF32 off) vs CPU | GPU (TF32 on) vs CPU | max abs |"]
+    rows.append("|---|---:|---:|---:|")
+    for name in ("lite0", "lite1", "lite2"):
+        spec = resolve(name)
+        pp = spec.preprocess
+        x = np.stack([pp.to_uint8(load_rgb(p, pp.resize_size)) for p in images[:64]])
+        cpu = create_engine(spec, engine="torch", device="cpu").features(x)
+        eng = create_engine(spec, engine="torch", device="cuda")
+        gpu = eng.features(x)
+        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+            t = torch.from_numpy(x).to("cuda").permute(0, 3, 1, 2).float()
+            t = ((t - eng._mean) / eng._std).contiguous(memory_format=torch.channels_last)
+            tf32 = eng.model(t).float().cpu().numpy()
+        d_off, d_on = np.abs(gpu - cpu).max(), np.abs(tf32 - cpu).max()
+        rows.append(f"| {name} | {d_off:.2e} | {d_on:.2e} | {np.abs(cpu).max():.2f} |")
+        print(f"   {name}: TF32 off {d_off:.2e}, on {d_on:.2e}", flush=True)
+        assert d_off <= 1e-3, f"{name}: GPU features differ from CPU by {d_off}"
+    return rows
+
+
+def check_auto():
+    from stackvision.engines import resolve_device, resolve_engine
+
+    dev, eng = resolve_device("auto"), resolve_engine("auto", "auto")
+    assert dev == "cuda" and eng == "torch", (dev, eng)
+    return [f"`engine=auto, device=auto` -> engine `{eng}` on `{dev}`."]
+
+
+def check_extract(images, n, work):
+    import torch
+
+    from stackvision.backbones import resolve
+    from stackvision.cache import FeatureCache
+    from stackvision.engines import create_engine
+    from stackvision.extract import default_workers, extract
+    from stackvision.images import load_rgb
+
+    paths = make_jpegs(images, n, os.path.join(work, "jpegs"))
+    rows = [
+        f"{len(paths)} distinct JPEGs ({len(images)} real images plus random crops of them), "
+        f"decode workers: {default_workers()} threads, CPU cores: {os.cpu_count()}.",
+        "",
+        "| backbone | batch | model-only on GPU img/s | extract end to end img/s | ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in ("lite0", "lite2"):
+        spec = resolve(name)
+        pp = spec.preprocess
+        for bs in (32, 128):
+            eng = create_engine(spec, engine="torch", device="cuda")
+            x = np.stack([pp.to_uint8(load_rgb(p, pp.resize_size)) for p in paths[:bs]])
+            eng.features(x)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(10):
+                eng.features(x)
+            mo = 10 * bs / (time.perf_counter() - t)
+            with tempfile.TemporaryDirectory(dir=work) as c:
+                t = time.perf_counter()
+                f = extract(paths, [spec], cache=FeatureCache(c), batch_size=bs, device="auto")
+                e2e = len(paths) / (time.perf_counter() - t)
+            assert f.blocks[spec.name].shape == (len(paths), 1, spec.feature_dim)
+            rows.append(f"| {name} | {bs} | {mo:.0f} | {e2e:.0f} | {e2e / mo:.0%} |")
+            print(f"   {rows[-1]}", flush=True)
+    return rows
+
+
+def check_finetune(train_root, work):
+    import torch
+
+    from stackvision.data import from_folder
+    from stackvision.finetune import FineTunedClassifier
+
+    lst = from_folder(train_root)
+    rows = []
+    for bs in (32,):
+        m = FineTunedClassifier(
+            "lite0",
+            head_epochs=1,
+            epochs=3,
+            unfreeze="all",
+            input_size=224,
+            batch_size=bs,
+            work_dir=os.path.join(work, "ft"),
+            device="auto",
+            seed=0,
+        )
+        t = time.perf_counter()
+        m.fit(lst.paths, lst.labels)
+        secs = time.perf_counter() - t
+        hist = m.history_ if hasattr(m, "history_") else None
+        rows.append(
+            f"Fine-tuned lite0 (all layers, 224 px, batch {bs}) on {len(lst.paths)} images "
+            f"on `{m.device_}` ({torch.cuda.get_device_name(0)}): {secs:.1f} s for 1 head "
+            f"epoch + 3 epochs; best epoch {m.best_epoch_}."
+        )
+        if hist:
+            rows.append("")
+            rows.append(f"History: `{hist}`")
+        p = m.predict_proba(lst.paths[:8])
+        assert np.allclose(p.sum(1), 1, atol=1e-4)
+        out = os.path.join(work, "ft-model")
+        m.save(out)
+        again = FineTunedClassifier.load(out)
+        np.testing.assert_allclose(again.predict_proba(lst.paths[:8]), p, atol=1e-4)
+        rows.append("")
+        rows.append("Saved and reloaded: same probabilities (atol 1e-4).")
+    return rows
+
+
+def main() -> int:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", required=True, help="a folder of real images (searched deeply)")
+    ap.add_argument("--train", help="a class-folder set to fine-tune on")
+    ap.add_argument("--n-images", type=int, default=2000)
+    ap.add_argument("--out", default="gpu_check.md")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to check", file=sys.stderr)
+        return 2
+    images = listing(args.images)
+    work = tempfile.mkdtemp(prefix="sv-gpu-")
+    os.environ.setdefault("STACKVISION_CACHE", os.path.join(work, "cache"))
+    lines = [
+        "## GPU paths",
+        "",
+        f"Device: {torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores. "
+        f"torch {torch.__version__}. Date: {dt.date.today().isoformat()}. "
+        f"Command: `python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}`",
+        "",
+    ]
+    section("engine auto on a GPU machine", check_auto, lines)
+    section("GPU features vs CPU features", lambda: check_features(images), lines)
+    section("extraction on the GPU", lambda: check_extract(images, args.n_images, work), lines)
+    if args.train:
+        section("fine-tuning on the GPU", lambda: check_finetune(args.train, work), lines)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(args.out, "w") as fh:
+        fh.write(text)
+    return 1 if "FAILED:" in text else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
