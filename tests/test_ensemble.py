@@ -126,8 +126,8 @@ def test_ensemble_reload_predicts_the_same(ens_dir, members, heldout, cache_dir,
     proba = ens.predict_proba(paths)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-6)
     # The members inside the directory are the models given; mean = average of their outputs.
-    a = load_model(members["stack"], cache_dir=cache_dir).predict_proba(paths)
-    b = load_model(members["ft0"]).predict_proba(paths)
+    a = load_model(members["stack"], cache_dir=cache_dir, device="cpu").predict_proba(paths)
+    b = load_model(members["ft0"], device="cpu").predict_proba(paths)
     np.testing.assert_allclose(
         ens.predict_paths(paths, method="mean").proba, (a + b) / 2, atol=1e-6
     )

@@ -74,7 +74,7 @@ def test_batchnorm_statistics_stay_frozen(ft_dir):
 
     pretrained = build_model(resolve("lite0")).state_dict()
     model = load_model(str(ft_dir))
-    tuned = model.net_.backbone.state_dict()
+    tuned = {k: v.cpu() for k, v in model.net_.backbone.state_dict().items()}
     blocks, tail = backbone_blocks(model.net_.backbone)
     assert len(blocks) == 16 and tail  # EfficientNet-Lite0: 16 blocks, then conv_head/bn2
     bn_keys = [k for k in tuned if k.endswith(("running_mean", "running_var"))]

@@ -62,7 +62,10 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=32, help="images per forward pass (default: 32)"
     )
     g.add_argument(
-        "--workers", type=int, default=None, help="decode threads (default: min(4, cores))"
+        "--workers",
+        type=int,
+        default=None,
+        help="decode threads (default: min(4, cores); min(16, cores) when the model is on a GPU)",
     )
     g.add_argument(
         "--strict",

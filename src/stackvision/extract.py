@@ -44,8 +44,20 @@ class Features:
         return np.concatenate([self.blocks[n] for n in names], axis=-1)
 
 
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+def default_workers(device: str = "cpu") -> int:
+    """Decode threads: up to 4 when the model runs on the CPU (it needs the cores too), up to 16
+    when it runs on a GPU, where decoding is the only work left for the CPU."""
+    cap = 16 if str(device).startswith("cuda") else 4
+    return max(1, min(cap, os.cpu_count() or 1))
+
+
+def model_device(engine: str = "auto", device: str = "auto", precision: str = "fp32") -> str:
+    """Where the backbones will run: ``cuda...`` for the torch engine on a GPU, else ``cpu``."""
+    from .engines import resolve_device, resolve_engine
+
+    if resolve_engine(engine, device, precision) != "torch":
+        return "cpu"
+    return resolve_device(device)
 
 
 def _hash_file(path: str) -> str | ImageDecodeError:
@@ -96,7 +108,7 @@ def extract(
     """
     check_args(views, batch_size)
     views = tuple(views)
-    workers = workers or default_workers()
+    workers = workers or default_workers(model_device(engine, device, precision))
     cache = cache or FeatureCache()
     t0 = time.perf_counter()
 

@@ -343,6 +343,11 @@ class FineTunedClassifier(PredictMixin):
 
         return _torch().device(resolve_device(self.device))
 
+    def _workers(self) -> int:
+        from .extract import default_workers
+
+        return self.workers or default_workers(str(self._device()))
+
     def _to_input(self, imgs: np.ndarray):
         """uint8 NHWC -> normalised float NCHW (channels-last memory) on the model's device."""
         torch = _torch()
@@ -514,7 +519,7 @@ class FineTunedClassifier(PredictMixin):
         pp = self.spec_.preprocess
         self.preprocess_ = replace(pp, input_size=self.input_size) if self.input_size else pp
 
-        imgs, keep, problems = load_images(X, self.preprocess_, self.workers, self.strict)
+        imgs, keep, problems = load_images(X, self.preprocess_, self._workers(), self.strict)
         self.problems_ = list(problems)
         yk = np.asarray([index[y[i]] for i in keep], np.int64)
         paths = [X[i] for i in keep]
@@ -526,7 +531,7 @@ class FineTunedClassifier(PredictMixin):
                     f"validation labels not in the training classes: {', '.join(unknown[:5])}",
                     "use the same class names in --val as in the training data",
                 )
-            vimgs, vkeep, vprob = load_images(vX, self.preprocess_, self.workers, self.strict)
+            vimgs, vkeep, vprob = load_images(vX, self.preprocess_, self._workers(), self.strict)
             self.problems_ += vprob
             vyk = np.asarray([index[vy[i]] for i in vkeep], np.int64)
             vpaths = [vX[i] for i in vkeep]
@@ -740,7 +745,9 @@ class FineTunedClassifier(PredictMixin):
         torch = _torch()
         self.net_.backbone.eval()
         bs = int(self.batch_size)
-        with torch.inference_mode():
+        from .engines.torch_engine import exact_fp32
+
+        with torch.inference_mode(), exact_fp32(self.device_):
             out = [
                 self.net_.backbone(self._to_input(imgs[i : i + bs]))
                 for i in range(0, len(imgs), bs)
@@ -763,7 +770,10 @@ class FineTunedClassifier(PredictMixin):
         net.eval()
         bs = int(self.batch_size)
         out = []
-        with torch.inference_mode():
+        from .engines.torch_engine import exact_fp32
+
+        # Training may use TF32; predictions do not, so they match the CPU and the ONNX export.
+        with torch.inference_mode(), exact_fp32(self.device_):
             for i in range(0, len(imgs), bs):
                 x = self._to_input(imgs[i : i + bs])
                 p = logits_to_proba(net(x), n_classes)
@@ -783,7 +793,7 @@ class FineTunedClassifier(PredictMixin):
         chunk = max(256, 8 * int(self.batch_size))  # bounded memory for long lists
         for s in range(0, len(X), chunk):
             part = X[s : s + chunk]
-            imgs, keep, probs = load_images(part, self.preprocess_, self.workers, self.strict)
+            imgs, keep, probs = load_images(part, self.preprocess_, self._workers(), self.strict)
             problems += probs
             kept += [part[i] for i in keep]
             probas.append(self._proba_images(imgs))

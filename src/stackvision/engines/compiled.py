@@ -321,8 +321,10 @@ def quantize_ort(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
+        # One image per call: ORT's histogram collector stacks each tensor's outputs over calls
+        # with np.asarray and fails on a ragged last batch (seen with onnxruntime 1.30).
         def __init__(self):
-            self._it = iter(batches)
+            self._it = (b[i : i + 1] for b in batches for i in range(len(b)))
 
         def get_next(self):
             b = next(self._it, None)
