@@ -113,9 +113,9 @@ def check_extract(images, n, work):
         f"{os.cpu_count()} CPU cores; default decode threads on this machine: {auto_workers}. "
         "Fresh feature cache each run; 'engine start' is building the model on the GPU.",
         "",
-        "| backbone | batch | decode threads | model-only on GPU img/s | end to end img/s "
+        "| backbone | batch | decoders | model-only on GPU img/s | end to end img/s "
         "| ratio | engine start s | hashing s | decode+model s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     made = {}
     orig = ex.create_engine
@@ -140,17 +140,22 @@ def check_extract(images, n, work):
             for _ in range(10):
                 eng.features(x)
             mo = 10 * bs / (time.perf_counter() - t)
-            for workers in (4, auto_workers):
+            for kind, workers in (("threads", 4), ("threads", auto_workers), ("auto", None)):
                 with tempfile.TemporaryDirectory(dir=work) as c:
                     t = time.perf_counter()
                     f = ex.extract(
-                        paths, [spec], cache=FeatureCache(c), batch_size=bs, workers=workers
+                        paths,
+                        [spec],
+                        cache=FeatureCache(c),
+                        batch_size=bs,
+                        workers=workers,
+                        decoder=kind,
                     )
                     e2e = len(paths) / (time.perf_counter() - t)
                 assert f.blocks[spec.name].shape == (len(paths), 1, spec.feature_dim)
                 st = f.stats
                 rows.append(
-                    f"| {name} | {bs} | {workers} | {mo:.0f} | {e2e:.0f} | {e2e / mo:.0%} "
+                    f"| {name} | {bs} | {kind_label(kind, workers or auto_workers)} | {mo:.0f} | {e2e:.0f} | {e2e / mo:.0%} "
                     f"| {made['seconds']:.2f} | {st['hash_seconds']:.2f} "
                     f"| {st['compute_seconds'] - made['seconds']:.2f} |"
                 )
@@ -158,6 +163,15 @@ def check_extract(images, n, work):
     finally:
         ex.create_engine = orig
     return rows
+
+
+def kind_label(kind: str, workers: int) -> str:
+    from stackvision.decoding import default_kind
+    from stackvision.extract import model_device
+
+    if kind == "auto":
+        return f"auto: {workers} {default_kind(model_device(), workers)}"
+    return f"{workers} {kind}"
 
 
 def check_finetune(train_root, work):
@@ -211,6 +225,7 @@ def main() -> int:
     ap.add_argument("--train", help="a class-folder set to fine-tune on")
     ap.add_argument("--n-images", type=int, default=2000)
     ap.add_argument("--out", default="gpu_check.md")
+    ap.add_argument("--skip", default="", help="comma-separated: features,extract,finetune")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to check", file=sys.stderr)
@@ -227,9 +242,12 @@ def main() -> int:
         "",
     ]
     section("engine auto on a GPU machine", check_auto, lines)
-    section("GPU features vs CPU features", lambda: check_features(images), lines)
-    section("extraction on the GPU", lambda: check_extract(images, args.n_images, work), lines)
-    if args.train:
+    skip = set(args.skip.split(","))
+    if "features" not in skip:
+        section("GPU features vs CPU features", lambda: check_features(images), lines)
+    if "extract" not in skip:
+        section("extraction on the GPU", lambda: check_extract(images, args.n_images, work), lines)
+    if args.train and "finetune" not in skip:
         section("fine-tuning on the GPU", lambda: check_finetune(args.train, work), lines)
     text = "\n".join(lines) + "\n"
     print(text)

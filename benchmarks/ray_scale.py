@@ -115,12 +115,13 @@ def bench_stages(paths) -> dict:
     write rate (SQLite rows/s, one transaction per 256 rows): the two driver/CPU-side limits."""
     from stackvision.backbones import resolve
     from stackvision.cache import FeatureCache, store_fields
-    from stackvision.extract import _decode_for
+    from stackvision.decoding import decode_item
 
     specs = [resolve("lite0")]
+    pps = [(s.name, s.preprocess) for s in specs]
     t0 = time.perf_counter()
     for p in paths:
-        _decode_for(p, specs)
+        decode_item(p, pps)
     t_dec = time.perf_counter() - t0
     root = tempfile.mkdtemp(prefix="sv-bench-sqlite-")
     store = FeatureCache(root).store(store_fields(specs[0], "avg", "fp32"), 1280)

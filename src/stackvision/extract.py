@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,9 +20,11 @@ import numpy as np
 from .backbones import BackboneSpec
 from .cache import VIEWS, FeatureCache, content_hash, store_fields
 from .data import Problem
+from .decoding import KINDS as DECODER_KINDS
+from .decoding import DecodePool, default_kind
 from .engines import create_engine, numbers_id
 from .errors import StackvisionError
-from .images import ImageDecodeError, decode, read_bytes
+from .images import ImageDecodeError, read_bytes
 
 
 @dataclass
@@ -70,15 +71,6 @@ def _hash_file(path: str) -> str | ImageDecodeError:
     return content_hash(data)
 
 
-def _decode_for(path: str, specs: list[BackboneSpec]) -> dict[str, np.ndarray] | ImageDecodeError:
-    try:
-        min_side = max(s.preprocess.resize_size for s in specs)
-        img = decode(read_bytes(path), path, min_side=min_side)
-        return {s.name: s.preprocess.to_uint8(img) for s in specs}
-    except ImageDecodeError as exc:
-        return exc
-
-
 def extract(
     paths: Sequence[str],
     specs: Sequence[BackboneSpec],
@@ -95,6 +87,7 @@ def extract(
     progress: bool = False,
     assemble: bool = True,
     calibration: dict[str, str] | None = None,
+    decoder: str = "auto",
 ) -> Features:
     """Features of ``paths`` for each backbone and view, computing only what the cache lacks.
 
@@ -108,7 +101,12 @@ def extract(
     """
     check_args(views, batch_size)
     views = tuple(views)
-    workers = workers or default_workers(model_device(engine, device, precision))
+    if decoder not in ("auto", *DECODER_KINDS):
+        raise StackvisionError(
+            f"unknown decoder '{decoder}'", f"use auto, {' or '.join(DECODER_KINDS)}"
+        )
+    mdev = model_device(engine, device, precision)
+    workers = workers or default_workers(mdev)
     cache = cache or FeatureCache()
     t0 = time.perf_counter()
 
@@ -157,25 +155,18 @@ def extract(
         batches = [need[i : i + batch_size] for i in range(0, len(need), batch_size)]
         bar = _progress(len(need), "+".join(s.name for s in active), progress)
         seen: set[tuple[str, str]] = set()
-        with ThreadPoolExecutor(workers) as pool_ex:
-            pending: deque = deque()
 
-            def submit(batch):
-                jobs = []
-                for i in batch:
-                    wanted = [s for s in active if hashes[i] in todo[s.name]]
-                    jobs.append((i, pool_ex.submit(_decode_for, paths[i], wanted)))
-                pending.append(jobs)
+        def items(batch):
+            return [
+                (paths[i], [(s.name, s.preprocess) for s in active if hashes[i] in todo[s.name]])
+                for i in batch
+            ]
 
-            for b in batches[:2]:
-                submit(b)
-            for bi in range(len(batches)):
-                jobs = pending.popleft()
-                if bi + 2 < len(batches):
-                    submit(batches[bi + 2])
+        kind = default_kind(mdev, workers) if decoder == "auto" else decoder
+        with DecodePool(workers, kind) as decoding:
+            for batch, results in zip(batches, decoding.run(items(b) for b in batches)):
                 per_backbone: dict[str, list[tuple[str, np.ndarray]]] = {s.name: [] for s in active}
-                for i, fut in jobs:
-                    res = fut.result()
+                for i, res in zip(batch, results):
                     if isinstance(res, ImageDecodeError):
                         if strict:
                             raise StackvisionError(
@@ -189,19 +180,19 @@ def extract(
                         if key not in seen:  # duplicate files are computed once
                             seen.add(key)
                             per_backbone[name].append((hashes[i], arr))
-                for name, items in per_backbone.items():
-                    if not items:
+                for name, items_ in per_backbone.items():
+                    if not items_:
                         continue
-                    hs = [h for h, _ in items]
-                    x = np.stack([a for _, a in items])
+                    hs = [h for h, _ in items_]
+                    x = np.stack([a for _, a in items_])
                     rows = []
                     for v in views:
                         xv = x if v == "orig" else np.ascontiguousarray(x[:, :, ::-1])
                         feats = engines[name].features(xv)
                         rows += [(h, v, f) for h, f in zip(hs, feats)]
                     stores[name].put_many(rows)
-                    computed[name] += len(items)
-                bar.update(len(jobs))
+                    computed[name] += len(items_)
+                bar.update(len(batch))
         bar.close()
     t_compute = time.perf_counter() - t1
 

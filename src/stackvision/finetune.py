@@ -31,7 +31,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -42,7 +41,7 @@ from .backbones import POOLS, BackboneSpec, resolve
 from .classifier import TTA_MODES, Predictions
 from .data import Problem, check_trainable
 from .errors import StackvisionError
-from .images import ImageDecodeError, load_rgb
+from .images import ImageDecodeError
 from .metrics import classification_metrics, summary_row
 from .model_dir import read_manifest, read_tensors, write_model_dir
 from .models import PredictMixin
@@ -54,35 +53,39 @@ CHECKPOINT = "checkpoint.safetensors"
 
 # ---------------------------------------------------------------------- images
 def load_images(
-    paths: Sequence[str], pp: Preprocess, workers: int | None = None, strict: bool = False
+    paths: Sequence[str],
+    pp: Preprocess,
+    workers: int | None = None,
+    strict: bool = False,
+    decoder: str = "threads",
 ) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
     """Decode ``paths`` into a uint8 (N, S, S, 3) array at the input size of ``pp``.
 
     Returns (images, index of each kept path in ``paths``, problems of the left-out ones).
+    ``decoder``: ``threads`` or ``processes`` (see :mod:`stackvision.decoding`).
     """
+    from .decoding import DecodePool
     from .extract import default_workers
-
-    def one(p):
-        try:
-            return pp.to_uint8(load_rgb(p, pp.resize_size))
-        except ImageDecodeError as exc:
-            return exc
 
     s = pp.input_size
     out = np.empty((len(paths), s, s, 3), np.uint8)
     keep, problems = [], []
-    with ThreadPoolExecutor(workers or default_workers()) as ex:
-        for i, res in enumerate(ex.map(one, paths)):
-            if isinstance(res, ImageDecodeError):
-                if strict:
-                    raise StackvisionError(
-                        f"bad image {paths[i]}: {res.reason}",
-                        "remove or replace it, or run without --strict to skip bad images",
-                    )
-                problems.append(Problem(paths[i], res.reason))
-                continue
-            out[len(keep)] = res
-            keep.append(i)
+    step = 64
+    batches = [[(p, [("x", pp)]) for p in paths[i : i + step]] for i in range(0, len(paths), step)]
+    with DecodePool(workers or default_workers(), decoder) as decoding:
+        for b, results in enumerate(decoding.run(batches)):
+            for j, res in enumerate(results):
+                i = b * step + j
+                if isinstance(res, ImageDecodeError):
+                    if strict:
+                        raise StackvisionError(
+                            f"bad image {paths[i]}: {res.reason}",
+                            "remove or replace it, or run without --strict to skip bad images",
+                        )
+                    problems.append(Problem(paths[i], res.reason))
+                    continue
+                out[len(keep)] = res["x"]
+                keep.append(i)
     return out[: len(keep)], np.asarray(keep, np.int64), problems
 
 
@@ -348,6 +351,11 @@ class FineTunedClassifier(PredictMixin):
 
         return self.workers or default_workers(str(self._device()))
 
+    def _decoder(self) -> str:
+        from .decoding import default_kind
+
+        return default_kind(str(self._device()), self._workers())
+
     def _to_input(self, imgs: np.ndarray):
         """uint8 NHWC -> normalised float NCHW (channels-last memory) on the model's device."""
         torch = _torch()
@@ -519,7 +527,9 @@ class FineTunedClassifier(PredictMixin):
         pp = self.spec_.preprocess
         self.preprocess_ = replace(pp, input_size=self.input_size) if self.input_size else pp
 
-        imgs, keep, problems = load_images(X, self.preprocess_, self._workers(), self.strict)
+        imgs, keep, problems = load_images(
+            X, self.preprocess_, self._workers(), self.strict, self._decoder()
+        )
         self.problems_ = list(problems)
         yk = np.asarray([index[y[i]] for i in keep], np.int64)
         paths = [X[i] for i in keep]
@@ -531,7 +541,9 @@ class FineTunedClassifier(PredictMixin):
                     f"validation labels not in the training classes: {', '.join(unknown[:5])}",
                     "use the same class names in --val as in the training data",
                 )
-            vimgs, vkeep, vprob = load_images(vX, self.preprocess_, self._workers(), self.strict)
+            vimgs, vkeep, vprob = load_images(
+                vX, self.preprocess_, self._workers(), self.strict, self._decoder()
+            )
             self.problems_ += vprob
             vyk = np.asarray([index[vy[i]] for i in vkeep], np.int64)
             vpaths = [vX[i] for i in vkeep]
@@ -793,7 +805,9 @@ class FineTunedClassifier(PredictMixin):
         chunk = max(256, 8 * int(self.batch_size))  # bounded memory for long lists
         for s in range(0, len(X), chunk):
             part = X[s : s + chunk]
-            imgs, keep, probs = load_images(part, self.preprocess_, self._workers(), self.strict)
+            imgs, keep, probs = load_images(
+                part, self.preprocess_, self._workers(), self.strict, self._decoder()
+            )
             problems += probs
             kept += [part[i] for i in keep]
             probas.append(self._proba_images(imgs))
