@@ -75,6 +75,8 @@ def test_default_kind():
     assert default_kind("cpu", 16) == "threads"
     assert default_kind("cuda", 4) == "threads"
     assert default_kind("cuda:0", 16) == "processes"
+    assert default_kind("cuda:0", 16, n_images=1000) == "processes"
+    assert default_kind("cuda:0", 16, n_images=3) == "threads"  # not worth starting processes
 
 
 def test_extract_with_process_decoding_matches_threads(files, tmp_path):
@@ -92,3 +94,29 @@ def test_extract_with_process_decoding_matches_threads(files, tmp_path):
     np.testing.assert_array_equal(out["threads"], out["processes"])
     with pytest.raises(StackvisionError, match="unknown decoder"):
         extract(files, [spec], cache=FeatureCache(str(tmp_path / "x")), decoder="fibers")
+
+
+def test_processes_do_not_rerun_an_unguarded_script(files, tmp_path):
+    """Worker processes must not import the user's __main__: a script without an
+    ``if __name__ == "__main__":`` guard would otherwise run its top level once per worker."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\n"
+        "print('TOP LEVEL', flush=True)\n"
+        "from stackvision.decoding import DecodePool\n"
+        "from stackvision.preprocess import Preprocess\n"
+        "items = [(p, [('a', Preprocess())]) for p in sys.argv[1:]]\n"
+        "with DecodePool(3, 'processes') as pool:\n"
+        "    out = [r for batch in pool.run([items[:5], items[5:]]) for r in batch]\n"
+        "    print('kind', pool.kind, len(out), flush=True)\n"
+    )
+    good = [f for f in files if not f.endswith("truncated.jpg")][:9]
+    p = subprocess.run(
+        [sys.executable, str(script), *good], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("TOP LEVEL") == 1, p.stdout + p.stderr
+    assert "kind processes 9" in p.stdout and "warning" not in p.stderr

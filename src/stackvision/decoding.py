@@ -10,15 +10,19 @@ Two kinds of worker:
   1656/2920/4341 img/s (``benchmarks/decode_scaling.py``).
 
 Processes are started with ``forkserver`` (never ``fork``: the parent may hold CUDA and thread
-pools). Where they cannot run (a script without an ``if __name__ == "__main__":`` guard, a
-sandbox without process creation), decoding carries on in threads, with a warning.
+pools), all at once, while ``__main__`` is hidden: otherwise every worker would import the user's
+script again, and a script without an ``if __name__ == "__main__":`` guard would run its top level
+once per worker. The workers only need this module. Where processes cannot start (a sandbox
+without process creation), decoding carries on in threads, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import sys
+import types
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -53,8 +57,35 @@ def _decode_chunk(items: list[Item]) -> list:
     return out
 
 
-def default_kind(device: str, workers: int) -> str:
-    """``processes`` for a GPU model with more than 4 decode workers, else ``threads``."""
+# Below this many images, starting the worker processes costs more than they save.
+MIN_IMAGES_FOR_PROCESSES = 256
+
+
+def _ready() -> bool:
+    return True
+
+
+@contextlib.contextmanager
+def _main_hidden():
+    """Let new processes start without importing ``__main__``.
+
+    multiprocessing tells each spawned or forkserver child to import the parent's main module
+    (by path or name) so that functions defined there unpickle; ours live in this module.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")  # no __file__, no __spec__
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
+def default_kind(device: str, workers: int, n_images: int | None = None) -> str:
+    """``processes`` for a GPU model with more than 4 decode workers and enough images, else
+    ``threads``."""
+    if n_images is not None and n_images < MIN_IMAGES_FOR_PROCESSES:
+        return "threads"
     return "processes" if str(device).startswith("cuda") and workers > 4 else "threads"
 
 
@@ -84,8 +115,16 @@ class DecodePool:
     def _start(self, kind: str) -> Executor:
         if kind == "processes":
             try:
-                return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("forkserver"))
-            except (OSError, ValueError, RuntimeError) as exc:
+                ex = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("forkserver"))
+                with _main_hidden():
+                    # Start every worker (and the fork server) now, inside the window: the
+                    # executor would otherwise spawn workers on later submits, outside it.
+                    launch = getattr(ex, "_launch_processes", None)  # CPython 3.9+
+                    if launch is not None:
+                        launch()
+                    ex.submit(_ready).result()
+                return ex
+            except (OSError, ValueError, RuntimeError, BrokenProcessPool) as exc:
                 self._fall_back(exc)
         return ThreadPoolExecutor(self.workers)
 

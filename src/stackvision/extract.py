@@ -162,7 +162,7 @@ def extract(
                 for i in batch
             ]
 
-        kind = default_kind(mdev, workers) if decoder == "auto" else decoder
+        kind = default_kind(mdev, workers, len(need)) if decoder == "auto" else decoder
         with DecodePool(workers, kind) as decoding:
             for batch, results in zip(batches, decoding.run(items(b) for b in batches)):
                 per_backbone: dict[str, list[tuple[str, np.ndarray]]] = {s.name: [] for s in active}

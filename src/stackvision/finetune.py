@@ -351,10 +351,10 @@ class FineTunedClassifier(PredictMixin):
 
         return self.workers or default_workers(str(self._device()))
 
-    def _decoder(self) -> str:
+    def _decoder(self, n_images: int) -> str:
         from .decoding import default_kind
 
-        return default_kind(str(self._device()), self._workers())
+        return default_kind(str(self._device()), self._workers(), n_images)
 
     def _to_input(self, imgs: np.ndarray):
         """uint8 NHWC -> normalised float NCHW (channels-last memory) on the model's device."""
@@ -528,7 +528,7 @@ class FineTunedClassifier(PredictMixin):
         self.preprocess_ = replace(pp, input_size=self.input_size) if self.input_size else pp
 
         imgs, keep, problems = load_images(
-            X, self.preprocess_, self._workers(), self.strict, self._decoder()
+            X, self.preprocess_, self._workers(), self.strict, self._decoder(len(X))
         )
         self.problems_ = list(problems)
         yk = np.asarray([index[y[i]] for i in keep], np.int64)
@@ -542,7 +542,7 @@ class FineTunedClassifier(PredictMixin):
                     "use the same class names in --val as in the training data",
                 )
             vimgs, vkeep, vprob = load_images(
-                vX, self.preprocess_, self._workers(), self.strict, self._decoder()
+                vX, self.preprocess_, self._workers(), self.strict, self._decoder(len(vX))
             )
             self.problems_ += vprob
             vyk = np.asarray([index[vy[i]] for i in vkeep], np.int64)
@@ -806,7 +806,7 @@ class FineTunedClassifier(PredictMixin):
         for s in range(0, len(X), chunk):
             part = X[s : s + chunk]
             imgs, keep, probs = load_images(
-                part, self.preprocess_, self._workers(), self.strict, self._decoder()
+                part, self.preprocess_, self._workers(), self.strict, self._decoder(len(part))
             )
             problems += probs
             kept += [part[i] for i in keep]
