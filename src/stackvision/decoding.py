@@ -24,7 +24,7 @@ import multiprocessing as mp
 import sys
 import types
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -39,8 +39,11 @@ Result = dict[str, np.ndarray] | ImageDecodeError
 KINDS = ("threads", "processes")
 
 
-def decode_item(path: str, pps: Sequence[tuple[str, Preprocess]]) -> Result:
-    """Decode ``path`` once and crop it for each preprocessing; a bad file gives the error."""
+def decode_item(path: str, pps: Sequence[tuple[Hashable, Preprocess]]) -> Result:
+    """Decode ``path`` once and crop it for each (key, preprocessing); a bad file gives the error.
+
+    Returns ``{key: uint8 (S, S, 3)}``; keys are backbone names here, column indices in Ray tasks.
+    """
     try:
         img = decode(read_bytes(path), path, min_side=max(pp.resize_size for _, pp in pps))
         return {name: pp.to_uint8(img) for name, pp in pps}

@@ -30,10 +30,11 @@ import numpy as np
 
 from ..backbones import BackboneSpec
 from ..cache import FeatureCache, content_hash, store_fields
+from ..decoding import decode_item
 from ..engines import numbers_id
 from ..errors import StackvisionError
 from ..extract import Features, check_args, collect, missing
-from ..images import ImageDecodeError, decode, read_bytes
+from ..images import ImageDecodeError, read_bytes
 
 RAY_PIP = "pip install 'stackvision[ray]'"
 
@@ -96,17 +97,16 @@ class _Decode:
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["path"])
-        min_side = max(pp.resize_size for _, pp in self.preps)
         xs = {k: np.zeros((n, pp.input_size, pp.input_size, 3), np.uint8) for k, pp in self.preps}
         errors = []
         for j, p in enumerate(batch["path"]):
-            try:
-                img = decode(read_bytes(str(p)), str(p), min_side=min_side)
-                for k, pp in self.preps:
-                    xs[k][j] = pp.to_uint8(img)
-                errors.append("")
-            except ImageDecodeError as exc:
-                errors.append(exc.reason)
+            res = decode_item(str(p), self.preps)  # keyed by column index here
+            if isinstance(res, ImageDecodeError):
+                errors.append(res.reason)
+                continue
+            for k, arr in res.items():
+                xs[k][j] = arr
+            errors.append("")
         out = {c: batch[c] for c in batch if c != "path"}
         out["error"] = np.asarray(errors)
         out.update({f"x{k}": x for k, x in xs.items()})
