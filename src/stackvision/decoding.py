@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing as mp
+import os
 import sys
 import types
 from collections import deque
@@ -82,6 +83,13 @@ def _main_hidden():
     finally:
         if main is not None:
             sys.modules["__main__"] = main
+
+
+def default_workers(device: str = "cpu") -> int:
+    """Decode workers: up to 4 when the model runs on the CPU (it needs the cores too), up to 16
+    when it runs on a GPU, where decoding is the only work left for the CPU."""
+    cap = 16 if str(device).startswith("cuda") else 4
+    return max(1, min(cap, os.cpu_count() or 1))
 
 
 def default_kind(device: str, workers: int, n_images: int | None = None) -> str:

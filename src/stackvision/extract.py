@@ -9,7 +9,6 @@ where it stopped and peak memory is a few batches, whatever the number of images
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from .backbones import BackboneSpec
 from .cache import VIEWS, FeatureCache, content_hash, store_fields
 from .data import Problem
 from .decoding import KINDS as DECODER_KINDS
-from .decoding import DecodePool, default_kind
+from .decoding import DecodePool, default_kind, default_workers
 from .engines import create_engine, numbers_id
 from .errors import StackvisionError
 from .images import ImageDecodeError, read_bytes
@@ -43,13 +42,6 @@ class Features:
         """Concatenate the named backbones' features: float32 (N, n_views, sum of dims)."""
         names = list(names or self.blocks)
         return np.concatenate([self.blocks[n] for n in names], axis=-1)
-
-
-def default_workers(device: str = "cpu") -> int:
-    """Decode threads: up to 4 when the model runs on the CPU (it needs the cores too), up to 16
-    when it runs on a GPU, where decoding is the only work left for the CPU."""
-    cap = 16 if str(device).startswith("cuda") else 4
-    return max(1, min(cap, os.cpu_count() or 1))
 
 
 def model_device(engine: str = "auto", device: str = "auto", precision: str = "fp32") -> str:
@@ -156,7 +148,7 @@ def extract(
         bar = _progress(len(need), "+".join(s.name for s in active), progress)
         seen: set[tuple[str, str]] = set()
 
-        def items(batch):
+        def work(batch):
             return [
                 (paths[i], [(s.name, s.preprocess) for s in active if hashes[i] in todo[s.name]])
                 for i in batch
@@ -164,7 +156,7 @@ def extract(
 
         kind = default_kind(mdev, workers, len(need)) if decoder == "auto" else decoder
         with DecodePool(workers, kind) as decoding:
-            for batch, results in zip(batches, decoding.run(items(b) for b in batches)):
+            for batch, results in zip(batches, decoding.run(work(b) for b in batches)):
                 per_backbone: dict[str, list[tuple[str, np.ndarray]]] = {s.name: [] for s in active}
                 for i, res in zip(batch, results):
                     if isinstance(res, ImageDecodeError):
@@ -180,18 +172,18 @@ def extract(
                         if key not in seen:  # duplicate files are computed once
                             seen.add(key)
                             per_backbone[name].append((hashes[i], arr))
-                for name, items_ in per_backbone.items():
-                    if not items_:
+                for name, items in per_backbone.items():
+                    if not items:
                         continue
-                    hs = [h for h, _ in items_]
-                    x = np.stack([a for _, a in items_])
+                    hs = [h for h, _ in items]
+                    x = np.stack([a for _, a in items])
                     rows = []
                     for v in views:
                         xv = x if v == "orig" else np.ascontiguousarray(x[:, :, ::-1])
                         feats = engines[name].features(xv)
                         rows += [(h, v, f) for h, f in zip(hs, feats)]
                     stores[name].put_many(rows)
-                    computed[name] += len(items_)
+                    computed[name] += len(items)
                 bar.update(len(batch))
         bar.close()
     t_compute = time.perf_counter() - t1

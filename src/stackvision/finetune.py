@@ -40,6 +40,7 @@ from .augment import Augment
 from .backbones import POOLS, BackboneSpec, resolve
 from .classifier import TTA_MODES, Predictions
 from .data import Problem, check_trainable
+from .decoding import DecodePool, default_kind, default_workers
 from .errors import StackvisionError
 from .images import ImageDecodeError
 from .metrics import classification_metrics, summary_row
@@ -64,9 +65,6 @@ def load_images(
     Returns (images, index of each kept path in ``paths``, problems of the left-out ones).
     ``decoder``: ``threads`` or ``processes`` (see :mod:`stackvision.decoding`).
     """
-    from .decoding import DecodePool
-    from .extract import default_workers
-
     s = pp.input_size
     out = np.empty((len(paths), s, s, 3), np.uint8)
     keep, problems = [], []
@@ -94,6 +92,12 @@ def _torch():
     import torch
 
     return torch
+
+
+def _exact_fp32(device):
+    from .engines.torch_engine import exact_fp32  # imports torch: only once a model exists
+
+    return exact_fp32(device)
 
 
 def _build_net(backbone, n_classes: int, dropout: float):
@@ -347,13 +351,9 @@ class FineTunedClassifier(PredictMixin):
         return _torch().device(resolve_device(self.device))
 
     def _workers(self) -> int:
-        from .extract import default_workers
-
         return self.workers or default_workers(str(self._device()))
 
     def _decoder(self, n_images: int) -> str:
-        from .decoding import default_kind
-
         return default_kind(str(self._device()), self._workers(), n_images)
 
     def _to_input(self, imgs: np.ndarray):
@@ -757,9 +757,7 @@ class FineTunedClassifier(PredictMixin):
         torch = _torch()
         self.net_.backbone.eval()
         bs = int(self.batch_size)
-        from .engines.torch_engine import exact_fp32
-
-        with torch.inference_mode(), exact_fp32(self.device_):
+        with torch.inference_mode(), _exact_fp32(self.device_):
             out = [
                 self.net_.backbone(self._to_input(imgs[i : i + bs]))
                 for i in range(0, len(imgs), bs)
@@ -782,10 +780,8 @@ class FineTunedClassifier(PredictMixin):
         net.eval()
         bs = int(self.batch_size)
         out = []
-        from .engines.torch_engine import exact_fp32
-
         # Training may use TF32; predictions do not, so they match the CPU and the ONNX export.
-        with torch.inference_mode(), exact_fp32(self.device_):
+        with torch.inference_mode(), _exact_fp32(self.device_):
             for i in range(0, len(imgs), bs):
                 x = self._to_input(imgs[i : i + bs])
                 p = logits_to_proba(net(x), n_classes)

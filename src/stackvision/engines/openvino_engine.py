@@ -44,7 +44,6 @@ class OpenVINOEngine:
         threads: int | None = None,
         hint: str = "LATENCY",
     ):
-
         self.spec = spec
         if precision == "int8":
             if nncf_available():
