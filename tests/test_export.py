@@ -83,7 +83,7 @@ def test_cli_export_runs_in_onnxruntime_alone_and_matches_predict(
     assert info["input"]["size"] == 224 and info["input"]["resize_short_side"] == 256
     # A single-size stack: the contract's input is exactly what predict() feeds the backbone.
     np.testing.assert_allclose(proba, model.predict_proba(paths), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(proba, model.predict_proba_uint8(batch), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(proba, model.forward_uint8(batch), atol=1e-4, rtol=0)
     assert np.allclose(proba.sum(axis=1), 1, atol=1e-5)
 
 
@@ -105,7 +105,7 @@ def test_multi_size_mlp_stack_exports_and_matches(cache_dir, tmp_path_factory, t
     paths = images_of(data)[::4]
     batch = prepare_images(paths, model)
     proba, meta = run_onnx_alone(tmp_path / "m2.onnx", batch, tmp_path)
-    np.testing.assert_allclose(proba, model.predict_proba_uint8(batch), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(proba, model.forward_uint8(batch), atol=1e-4, rtol=0)
     assert meta["classes"] == model.classes_
 
 
@@ -139,4 +139,4 @@ def test_export_user_errors(tiny_model, tmp_path, capsys):
     with pytest.raises(StackvisionError, match="cannot be exported"):
         export_onnx(object(), str(tmp_path / "x.onnx"))
     with pytest.raises(StackvisionError, match="uint8 batch of shape"):
-        load_model(str(tiny_model)).predict_proba_uint8(np.zeros((1, 100, 100, 3), np.uint8))
+        load_model(str(tiny_model)).forward_uint8(np.zeros((1, 100, 100, 3), np.uint8))

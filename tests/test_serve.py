@@ -51,7 +51,7 @@ def expected(model_dir, woof_val, cache_dir):
     """The library's answer for the validation images, on the same uint8 input."""
     model = load_model(str(model_dir), cache_dir=cache_dir)
     paths = images_of(woof_val)
-    return paths, model.predict_proba_uint8(prepare_images(paths, model)), model.classes_
+    return paths, model.forward_uint8(prepare_images(paths, model)), model.classes_
 
 
 def post_files(url, paths, headers=AUTH, **kw):

@@ -310,7 +310,7 @@ class StackedClassifier(PredictMixin):
 
     # ------------------------------------------------------------------ fixed-size input (export, serving)
     def input_preprocess(self):
-        """The preprocessing that makes the uint8 input of :meth:`predict_proba_uint8`, ONNX export
+        """The preprocessing that makes the uint8 input of :meth:`forward_uint8`, ONNX export
         and serving: that of the backbone with the largest input size (RGB order).
 
         Smaller backbones get their own size from that input inside the model, by a fixed
@@ -322,7 +322,7 @@ class StackedClassifier(PredictMixin):
         big = max(self.specs_, key=lambda s: s.preprocess.input_size)
         return replace(big.preprocess, channel_order="RGB")
 
-    def predict_proba_uint8(self, batch: np.ndarray) -> np.ndarray:
+    def forward_uint8(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated probabilities for a uint8 RGB batch (N, S, S, 3) made by
         :func:`stackvision.export.prepare_image` (S = ``input_preprocess().input_size``).
 

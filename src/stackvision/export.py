@@ -15,7 +15,7 @@ The input contract (also written into the ONNX metadata as ``stackvision.input``
 Every model kind that exports provides ``input_preprocess()`` (the :class:`Preprocess` of its
 input) and ``to_torch_module()`` (an ``nn.Module`` mapping the uint8 batch to probabilities);
 :func:`export_onnx` only calls those two, so feature stacks, fine-tuned models and ensembles all
-go through the same code. ``predict_proba_uint8(batch)`` on the model gives the library's own
+go through the same code. ``forward_uint8(batch)`` on the model gives the library's own
 answer for the same input, which is what the exported graph is checked against.
 """
 

@@ -167,8 +167,8 @@ class Batcher:
 # ---------------------------------------------------------------------- the model side
 def _predict_fn(model):
     """uint8 (N, S, S, 3) -> probabilities, for any model kind."""
-    if hasattr(model, "predict_proba_uint8"):
-        return model.predict_proba_uint8
+    if hasattr(model, "forward_uint8"):
+        return model.forward_uint8
     if hasattr(model, "to_torch_module"):
         import torch
 
@@ -180,7 +180,7 @@ def _predict_fn(model):
 
         return run
     raise StackvisionError(
-        f"a {type(model).__name__} model cannot be served (no predict_proba_uint8/to_torch_module)",
+        f"a {type(model).__name__} model cannot be served (no forward_uint8/to_torch_module)",
         "serve a feature stack, a fine-tuned model or an ensemble",
     )
 
@@ -271,7 +271,7 @@ def create_app(
     warmup: bool = True,
 ):
     """The FastAPI app serving ``model`` (any kind with ``input_preprocess()`` and
-    ``predict_proba_uint8()`` or ``to_torch_module()``)."""
+    ``forward_uint8()`` or ``to_torch_module()``)."""
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI, Query, Request
