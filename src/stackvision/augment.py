@@ -201,11 +201,17 @@ def preview_grid(
                 Image.fromarray(arr).resize((s, s)) if arr.shape[0] != s else Image.fromarray(arr)
             )
             grid.paste(tile, (pad + c * (s + pad), top + pad + r * (s + pad)))
-    tmp = out + ".tmp.png"
-    grid.save(tmp)
-    import os
+    from PIL.PngImagePlugin import PngInfo
 
-    os.replace(tmp, out)
+    from .atomic import atomic_path
+    from .outputs import PNG_SOFTWARE
+
+    info = PngInfo()
+    info.add_text(
+        "Software", PNG_SOFTWARE
+    )  # marks the file as ours (a later --overwrite may replace it)
+    with atomic_path(out, ".png") as tmp:
+        grid.save(tmp, format="PNG", pnginfo=info)
     return out, problems
 
 

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from .errors import StackvisionError
+
 CACHE_FORMAT = "features-v1"
 VIEWS = ("orig", "flip")
 
@@ -106,6 +108,11 @@ class FeatureCache:
 
     def __init__(self, root: str | None = None):
         self.base = root or default_cache_dir()
+        if os.path.exists(self.base) and not os.path.isdir(self.base):
+            raise StackvisionError(
+                f"the feature cache {self.base} is a file, not a folder",
+                "give --cache (or $STACKVISION_CACHE) a folder; it is created",
+            )
         self.root = os.path.join(self.base, CACHE_FORMAT)
         self._stores: dict[str, FeatureStore] = {}
 

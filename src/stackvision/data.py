@@ -7,7 +7,9 @@ prediction. Nothing is decoded here; unreadable images are found later, by the d
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -117,6 +119,33 @@ def _pick_column(
     )
 
 
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def read_text(path: str) -> str:
+    """A text file as str: UTF-8, or UTF-8/16/32 with a byte-order mark (Excel's "Unicode text"
+    is UTF-16); anything else is refused naming the first bad byte, never guessed."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), None)
+    if encoding is None and len(data) >= 4 and data[1:4:2] == b"\0\0" and b"\0" not in data[0:4:2]:
+        encoding = "utf-16-le"  # UTF-16 without a BOM: every ASCII character followed by NUL
+    try:
+        return data.decode(encoding or "utf-8")
+    except UnicodeDecodeError as exc:
+        raise StackvisionError(
+            f"{path} is not {encoding or 'UTF-8'} text (byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start})",
+            "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 labels.csv > labels-utf8.csv)",
+        ) from None
+
+
 def from_csv(
     csv_path: str,
     images_dir: str | None = None,
@@ -133,8 +162,8 @@ def from_csv(
         raise StackvisionError(f"labels file not found: {csv_path}", "check the --labels path")
     base = images_dir or os.path.dirname(os.path.abspath(csv_path))
     _require_dir(base, "images folder")
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
+    reader = csv.DictReader(io.StringIO(read_text(csv_path), newline=""), skipinitialspace=True)
+    try:
         header = list(reader.fieldnames or [])
         if len(header) < 2:
             raise StackvisionError(
@@ -148,6 +177,12 @@ def from_csv(
         else:
             lbl = rest[0]
         rows = [(r[idc], r[lbl]) for r in reader]
+    except csv.Error as exc:
+        raise StackvisionError(
+            f"{csv_path} line {reader.line_num}: {exc}",
+            "a labels CSV holds short ids and labels: check that it is the right file and that "
+            "every quote is closed (an unclosed quote turns the rest of the file into one field)",
+        ) from None
     paths, labels, missing = [], [], []
     exts = (
         "",
@@ -171,7 +206,7 @@ def from_csv(
             continue
         for ext in exts:
             cand = os.path.join(base, ident + ext)
-            if os.path.isfile(cand):
+            if os.path.exists(cand) and not os.path.isdir(cand):  # odd files: the decoder says why
                 paths.append(cand)
                 labels.append(label)
                 break
@@ -198,8 +233,8 @@ def from_paths(inputs: list[str]) -> Listing:
             found, bad = _walk_images(item)
             paths += found
             problems += bad
-        elif os.path.isfile(item):
-            paths.append(item)
+        elif os.path.exists(item):
+            paths.append(item)  # not a regular file (a FIFO, a device): the decoder reports it
         else:
             raise StackvisionError(f"input not found: {item}", "check the image or folder path")
     if not paths:

@@ -25,6 +25,7 @@ import functools
 import io
 import json
 import math
+import numbers
 import os
 import tempfile
 import warnings
@@ -33,10 +34,15 @@ import numpy as np
 
 from . import __version__
 from .errors import StackvisionError
+from .params import Interval, validate_params
 from .preprocess import Preprocess
 
 FORMATS = ("onnx",)
 DEFAULT_OPSET = 17
+# Lowest opset our graphs are tested with (opset 13: today's Softmax/ReduceSum semantics) up to
+# the highest that torch's TorchScript exporter writes.
+MIN_OPSET, MAX_OPSET = 13, 20
+OPSET_CONSTRAINT = [Interval(numbers.Integral, MIN_OPSET, MAX_OPSET)]
 
 
 # ---------------------------------------------------------------------- the input contract
@@ -281,6 +287,8 @@ def export_onnx(
     """Write ``model`` as one ONNX file at ``out``; with ``check``, run it in ONNX Runtime on a
     random batch and report the largest difference from the torch module."""
     import torch
+
+    validate_params({"opset": OPSET_CONSTRAINT}, {"opset": opset}, owner="export")
 
     to_module = getattr(model, "to_torch_module", None)
     if to_module is None or not hasattr(model, "input_preprocess"):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 
 import numpy as np
 
 from .errors import StackvisionError
+from .params import Interval, check_known, validate_params
 
 HEADS = ("logreg", "mlp")
 
@@ -32,14 +34,12 @@ def balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
 class _Head:
     kind = ""
     defaults: dict = {}
+    #: parameter -> accepted values (params.py); checked when the head is made, before any work
+    constraints: dict = {}
 
     def __init__(self, **params):
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise StackvisionError(
-                f"unknown {self.kind} head parameter(s): {', '.join(sorted(unknown))}",
-                f"valid: {', '.join(sorted(self.defaults))}",
-            )
+        check_known(params, self.defaults, f"{self.kind} head", "parameter")
+        validate_params(self.constraints, params, owner=f"{self.kind} head")
         self.params = {**self.defaults, **params}
         self.history: list[dict] = []
         self.mean_: np.ndarray | None = None
@@ -72,6 +72,10 @@ class LogRegHead(_Head):
 
     kind = "logreg"
     defaults = {"C": 0.02, "max_iter": 60}
+    constraints = {
+        "C": [Interval(numbers.Real, 0, None, closed="neither")],
+        "max_iter": [Interval(numbers.Integral, 1, None)],
+    }
 
     def fit(self, X, y, n_classes, X_val=None, y_val=None, sample_weight=None, seed=0):
         import torch
@@ -145,6 +149,18 @@ class MLPHead(_Head):
         "lr_patience": 3,
         "lr_factor": 0.3,
         "label_smoothing": 0.0,
+    }
+    constraints = {
+        "hidden": [Interval(numbers.Integral, 0, None)],  # 0: no hidden layer
+        "dropout": [Interval(numbers.Real, 0, 1, closed="left")],
+        "lr": [Interval(numbers.Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(numbers.Real, 0, None)],
+        "epochs": [Interval(numbers.Integral, 1, None)],
+        "batch_size": [Interval(numbers.Integral, 1, None)],
+        "patience": [Interval(numbers.Integral, 1, None)],
+        "lr_patience": [Interval(numbers.Integral, 1, None)],
+        "lr_factor": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "label_smoothing": [Interval(numbers.Real, 0, 1, closed="left")],
     }
 
     def _net(self, d_in, n_classes):

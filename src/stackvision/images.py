@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -84,14 +85,34 @@ def decode(data: bytes, path: str = "<bytes>", min_side: int | None = None) -> I
         raise ImageDecodeError(path, reason) from None
 
 
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def read_bytes(path: str) -> bytes:
+    """The bytes of an image file; anything but a regular file (a FIFO, ``/dev/zero`` behind a
+    symlink, a directory) is refused before it is opened, since reading it could hang or never end."""
     try:
+        st = os.stat(path)  # follows symlinks: what would be read
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageDecodeError(path, f"{_file_kind(st.st_mode)}, not a regular file; skipped")
         with open(path, "rb") as fh:
             return fh.read()
     except FileNotFoundError:
         raise ImageDecodeError(path, "file not found") from None
     except IsADirectoryError:
         raise ImageDecodeError(path, "is a directory, not an image") from None
+    except MemoryError:
+        raise ImageDecodeError(path, "too large to read into memory") from None
     except OSError as exc:
         raise ImageDecodeError(path, f"cannot read file ({exc.strerror or exc})") from None
 

@@ -16,44 +16,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 
 import numpy as np
 
+from .atomic import atomic_dir, write_json
 from .errors import StackvisionError
+from .outputs import is_ours
+
+__all__ = ["read_manifest", "read_tensors", "write_json", "write_model_dir"]
 
 FORMAT = "stackvision-model"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
-
-
-def write_json(path: str, obj) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def write_model_dir(
@@ -72,20 +48,14 @@ def write_model_dir(
     from safetensors.numpy import save_file
 
     path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(path) and not os.path.isdir(path):
+    if os.path.lexists(path) and not is_ours(path, "model") and not _empty_dir(path):
+        # the library never replaces what it did not write (the CLI says so earlier, with flags)
         raise StackvisionError(
-            f"output path exists and is a file: {path}", "choose a folder name for --out"
+            f"{path} exists and is not a stackvision model directory; it is never replaced",
+            "save the model to a new folder",
         )
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            **manifest,
-            "weights": WEIGHTS,
-        }
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "weights": WEIGHTS}
+    with atomic_dir(path) as tmp:
         save_file(
             {k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(tmp, WEIGHTS)
         )
@@ -94,18 +64,11 @@ def write_model_dir(
         if extra is not None:
             extra(tmp)
         write_json(os.path.join(tmp, MANIFEST), manifest)  # last: its presence marks a complete dir
-        old = None
-        if os.path.isdir(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
+
+
+def _empty_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
 
 
 def read_manifest(path: str) -> dict:

@@ -1,0 +1,64 @@
+"""``stackvision augment-preview``: a PNG grid of what the training augmentation does."""
+
+from __future__ import annotations
+
+import os
+
+from ..display import report_problems
+from ..options import add_labelled_data, add_out, check_out, data_inputs, listing
+
+
+def add_parser(sub) -> None:
+    a = sub.add_parser(
+        "augment-preview",
+        help="a PNG grid of training augmentations",
+        description="Write a grid: a few images of DATA, each original followed by augmented "
+        "copies.",
+    )
+    add_labelled_data(a, required=False)
+    add_out(a, "PNG", "image file to write")
+    a.add_argument(
+        "--augment", default="standard", metavar="PRESET[,k=v]", help="(default: standard)"
+    )
+    a.add_argument("--backbone", default="lite0", help="whose input size/crop to use")
+    a.add_argument("--input-size", type=int, help="override the backbone's input size")
+    a.add_argument("--rows", type=int, default=4, help="images shown, one per row (default: 4)")
+    a.add_argument("--per-image", type=int, default=6, help="augmented copies per row")
+    a.add_argument(
+        "--seed", type=int, default=0, help="seed for the images shown and their augmentations"
+    )
+    a.add_argument("-q", "--quiet", action="store_true", help="print only the result line")
+    a.set_defaults(func=run)
+
+
+def _labelled(args) -> bool:
+    d = args.data
+    return bool(args.labels) or (
+        d is not None
+        and os.path.isdir(d)
+        and any(os.path.isdir(os.path.join(d, c)) for c in os.listdir(d))
+    )
+
+
+def run(args) -> int:
+    import random
+    from dataclasses import replace
+
+    from ...augment import Augment, preview_grid
+    from ...backbones import resolve
+    from ...data import from_paths
+
+    check_out(args, "png", data_inputs(args))
+    data = listing(args) if _labelled(args) else from_paths([args.data])
+    aug = Augment.parse(args.augment or "standard")
+    pp = resolve(args.backbone).preprocess
+    if args.input_size:
+        pp = replace(pp, input_size=args.input_size)
+    paths = list(data.paths)
+    random.Random(args.seed).shuffle(paths)
+    out, problems = preview_grid(
+        paths[: args.rows], args.out, aug, pp, per_image=args.per_image, seed=args.seed
+    )
+    report_problems(problems, args)
+    print(f"preview of {min(args.rows, len(paths))} image(s) x {args.per_image} written to {out}")
+    return 0

@@ -1,0 +1,87 @@
+"""``stackvision ensemble``: combine saved models of any kind on held-out data."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ...errors import StackvisionError
+from ..display import report_problems, say, table
+from ..options import (
+    add_labels_csv,
+    add_out,
+    add_runtime_options,
+    add_weights,
+    check_out,
+    data_inputs,
+    listing,
+    runtime,
+)
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser(
+        "ensemble",
+        help="combine saved models (any kind) on held-out data",
+        description="Combine models by mean, weighted mean (weights fitted to minimise log loss) "
+        "and a learned combiner, fitted on held-out DATA the members were not trained on. "
+        "Prints each member and each method on the same images (combiners scored out-of-fold).",
+    )
+    e.add_argument("models", nargs="+", metavar="MODEL", help="model directories (two or more)")
+    e.add_argument("--data", metavar="DATA", help="held-out labelled folder (or labels CSV)")
+    add_labels_csv(e, "--data")
+    add_out(e, "ENSEMBLE", "ensemble directory to write")
+    e.add_argument(
+        "--method",
+        default="all",
+        choices=["mean", "weighted", "stacked", "all"],
+        help="all: fit every method, keep the best by out-of-fold log loss (default: all)",
+    )
+    e.add_argument("--folds", type=int, default=5, help="k for out-of-fold scoring (default: 5)")
+    e.add_argument(
+        "--seed", type=int, default=0, help="seed for the out-of-fold splits (default: 0)"
+    )
+    add_weights(e, "local checkpoint for a member's backbone")
+    add_runtime_options(e)
+    e.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ...ensemble import EnsembleClassifier
+
+    if not args.data and not args.labels:
+        raise StackvisionError(
+            "ensemble needs held-out labelled data to fit and score the combiners",
+            "pass --data DATA with images the members were not trained on",
+        )
+    check_out(args, "model", data_inputs(args))
+    ens = EnsembleClassifier(
+        args.models,
+        method=args.method,
+        folds=args.folds,
+        seed=args.seed,
+        weights=dict(args.weights or []),
+        **runtime(args),
+    )
+    data = listing(args, data=args.data)
+    t0 = time.perf_counter()
+    say(
+        args,
+        f"ensembling {len(args.models)} models on {len(data)} held-out images "
+        f"(method {args.method})",
+    )
+    ens.fit(data.paths, data.labels)
+    ens.problems_ = data.problems + ens.problems_
+    path = ens.save(args.out)
+    report_problems(ens.problems_, args)
+    say(args, "")
+    say(args, table(ens.table_, ["model", "kind", "scored", "n_images", "accuracy", "log_loss"]))
+    if ens.weights_ is not None:
+        w = ", ".join(f"{n}={v:.3f}" for n, v in zip(ens.member_names_, ens.weights_))
+        say(args, f"\nweighted-average weights: {w}")
+    say(
+        args,
+        f"kept method: {ens.method_}\nensemble written to {path} "
+        f"({time.perf_counter() - t0:.1f} s); table: {os.path.join(path, 'comparison.json')}",
+    )
+    return 0

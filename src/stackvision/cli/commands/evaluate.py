@@ -1,0 +1,94 @@
+"""``stackvision evaluate``: metrics and a report of a model on labelled data."""
+
+from __future__ import annotations
+
+import os
+
+from ...errors import StackvisionError
+from ..display import report_problems, table
+from ..options import (
+    add_labelled_data,
+    add_out,
+    add_runtime_options,
+    add_weights,
+    check_out,
+    data_inputs,
+    listing,
+    load_model_for,
+)
+
+
+def add_parser(sub) -> None:
+    ev = sub.add_parser(
+        "evaluate",
+        help="metrics and report on labelled data",
+        description="Evaluate a model on labelled data: metrics.json and report/ in --out.",
+    )
+    ev.add_argument("model", metavar="MODEL", help="model directory")
+    add_labelled_data(ev, required=False)
+    add_out(ev, "DIR", "folder for metrics.json and report/ (written whole, atomically)")
+    add_weights(ev)
+    add_runtime_options(ev)
+    ev.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from ... import __version__
+    from ...atomic import atomic_dir, write_json
+    from ...metrics import classification_metrics, summary_row
+    from ...outputs import EVALUATION_FORMAT
+    from ...report import write_report
+
+    check_out(args, "evaluation", [args.model, *data_inputs(args)])
+    model = load_model_for(args)
+    data = listing(args)
+    unknown = sorted(set(data.labels) - set(model.classes_))
+    if unknown:
+        raise StackvisionError(
+            f"labels not known to the model: {', '.join(unknown[:5])}"
+            + (" ..." if len(unknown) > 5 else ""),
+            f"the model's classes are: {', '.join(model.classes_[:10])}"
+            + (" ..." if len(model.classes_) > 10 else ""),
+        )
+    pred = model.predict_paths(data.paths)
+    label_of = dict(zip(data.paths, data.labels))
+    index = {c: i for i, c in enumerate(model.classes_)}
+    y = np.asarray([index[label_of[p]] for p in pred.paths], np.int64)
+    metrics = {
+        "validation": f"evaluate on {data.source}",
+        **classification_metrics(y, pred.proba, model.classes_),
+    }
+    problems = data.problems + pred.problems
+    metrics["problems"] = [p.__dict__ for p in problems]
+    with atomic_dir(args.out) as tmp:
+        write_json(os.path.join(tmp, "metrics.json"), metrics)
+        write_report(
+            os.path.join(tmp, "report"),
+            metrics,
+            pred.paths,
+            y,
+            pred.proba,
+            model.classes_,
+            problems=problems,
+            title=f"stackvision evaluation: {os.path.basename(os.path.abspath(args.model))}",
+        )
+        # last: marks a complete evaluation folder, which a later --overwrite may replace
+        write_json(
+            os.path.join(tmp, "manifest.json"),
+            {
+                "format": EVALUATION_FORMAT,
+                "format_version": 1,
+                "stackvision_version": __version__,
+                "model": os.path.abspath(args.model),
+                "data": data.source,
+            },
+        )
+    report_problems(problems, args)
+    print(table([summary_row(metrics)], ["n_images", "accuracy", "top5_accuracy", "log_loss"]))
+    print(
+        f"metrics: {os.path.join(args.out, 'metrics.json')}; report: "
+        f"{os.path.join(args.out, 'report', 'report.html')}"
+    )
+    return 0

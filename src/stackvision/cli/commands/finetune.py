@@ -1,0 +1,196 @@
+"""``stackvision finetune``: fine-tune a pretrained backbone, resumable from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from ...errors import StackvisionError
+from ..display import METRIC_COLS, report_problems, say, table
+from ..options import (
+    add_labelled_data,
+    add_out,
+    add_runtime_options,
+    add_weights,
+    check_out,
+    data_inputs,
+    listing,
+    runtime,
+    validate_estimator,
+)
+
+# What a fine-tuning work folder may hold; anything else means it is not ours.
+WORK_FILES = ("checkpoint.safetensors", "checkpoint.safetensors.tmp")
+
+
+def work_dir_for(out: str) -> str:
+    """Where a fine-tuning run keeps its checkpoint: a sibling of the model directory
+    (``MODEL.work``), because the model directory itself is only written, atomically, at the end."""
+    return os.path.abspath(out).rstrip(os.sep) + ".work"
+
+
+def check_work_dir(work: str) -> None:
+    """Refuse a ``MODEL.work`` path that holds anything but our checkpoint."""
+    if not os.path.lexists(work):
+        return
+    if not os.path.isdir(work) or os.path.islink(work):
+        raise StackvisionError(
+            f"{work} (the checkpoint folder of --out) exists and is not a folder stackvision wrote",
+            "move it away or choose another --out",
+        )
+    foreign = sorted(set(os.listdir(work)) - set(WORK_FILES))
+    if foreign:
+        raise StackvisionError(
+            f"{work} (the checkpoint folder of --out) holds files stackvision did not write "
+            f"({', '.join(foreign[:3])}); it is never touched",
+            "move them away or choose another --out",
+        )
+
+
+def _unfreeze(text: str):
+    return text if text == "all" else int(text)
+
+
+def add_parser(sub) -> None:
+    f = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained backbone with a new head",
+        description="Fine-tune a pretrained backbone: head only first (backbone frozen), then the "
+        "top N blocks at a lower learning rate. Early stopping on validation loss, "
+        "reduce-LR-on-plateau, best checkpoint kept; rerun the same command to resume.",
+    )
+    add_labelled_data(f, required=False)
+    add_out(f, "MODEL", "model directory to write (its checkpoint lives in MODEL.work)")
+    f.add_argument("--backbone", default="lite0", help="backbone to fine-tune (default: lite0)")
+    f.add_argument(
+        "--epochs", type=int, default=10, help="fine-tuning epochs after the head (default: 10)"
+    )
+    f.add_argument(
+        "--head-epochs",
+        type=int,
+        default=3,
+        help="epochs training only the head, backbone frozen (default: 3)",
+    )
+    f.add_argument(
+        "--unfreeze",
+        type=_unfreeze,
+        default=2,
+        metavar="N|all",
+        help="backbone blocks (from the top) trained in phase 2, or 'all' (default: 2)",
+    )
+    f.add_argument(
+        "--lr", type=float, default=1e-3, help="head-phase learning rate (default: 1e-3)"
+    )
+    f.add_argument("--finetune-lr", type=float, help="phase-2 learning rate (default: --lr / 10)")
+    f.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    f.add_argument("--dropout", type=float, default=0.2, help="dropout before the dense layer")
+    f.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing")
+    f.add_argument(
+        "--augment",
+        nargs="?",
+        const="standard",
+        default=None,
+        metavar="PRESET[,k=v]",
+        help="training augmentation: light, standard (bare --augment), strong, optionally with "
+        "overrides e.g. standard,rotation=25 (default: none)",
+    )
+    f.add_argument("--val", metavar="DATA", help="separate labelled validation folder")
+    f.add_argument(
+        "--val-split",
+        type=float,
+        default=0.15,
+        help="fraction held out for early stopping without --val (default: 0.15)",
+    )
+    f.add_argument("--patience", type=int, default=3, help="early-stopping patience (epochs)")
+    f.add_argument(
+        "--input-size",
+        type=int,
+        help="train and predict at this image size instead of the backbone's (faster on a CPU)",
+    )
+    f.add_argument(
+        "--tta",
+        default="flip",
+        choices=["none", "flip"],
+        help="average original and flipped image at prediction (default: flip)",
+    )
+    f.add_argument("--pool", default="avg", choices=["avg", "max", "avgmax"], help="global pooling")
+    add_weights(f, "local checkpoint for the backbone")
+    f.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    f.add_argument(
+        "--restart", action="store_true", help="ignore an existing checkpoint and start over"
+    )
+    f.add_argument(
+        "--keep-work", action="store_true", help="keep MODEL.work (the checkpoint) after success"
+    )
+    add_runtime_options(f)
+    f.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ...finetune import FineTunedClassifier
+    from ...metrics import summary_row
+
+    check_out(args, "model", data_inputs(args))
+    work = work_dir_for(args.out)
+    check_work_dir(work)
+    rt = runtime(args)
+    model = FineTunedClassifier(
+        args.backbone,
+        epochs=args.epochs,
+        head_epochs=args.head_epochs,
+        unfreeze=args.unfreeze,
+        lr=args.lr,
+        finetune_lr=args.finetune_lr,
+        weight_decay=args.weight_decay,
+        dropout=args.dropout,
+        label_smoothing=args.label_smoothing,
+        augment=args.augment,
+        val_split=args.val_split,
+        patience=args.patience,
+        input_size=args.input_size,
+        tta=args.tta,
+        pool=args.pool,
+        weights=dict(args.weights or []),
+        work_dir=work,
+        seed=args.seed,
+        device=rt["device"],
+        batch_size=rt["batch_size"],
+        workers=rt["workers"],
+        strict=rt["strict"],
+        progress=not args.quiet,
+    )
+    validate_estimator(model)
+    data = listing(args)
+    val = None
+    if args.val:
+        from ...data import load_labelled
+
+        vl = load_labelled(args.val)
+        val = (vl.paths, vl.labels)
+    if args.restart and os.path.isdir(work):
+        shutil.rmtree(work)  # checked above: it holds only our checkpoint
+    t0 = time.perf_counter()
+    say(
+        args,
+        f"fine-tuning {args.backbone} on {len(data)} images, {len(set(data.labels))} classes: "
+        f"{args.head_epochs} head epoch(s), then {args.epochs} with {args.unfreeze} block(s) "
+        f"unfrozen; augment {args.augment or 'none'}; checkpoints in {work}",
+    )
+    model.fit(data.paths, data.labels, val=val)
+    if model.resumed_from_epoch_:
+        say(args, f"(resumed after epoch {model.resumed_from_epoch_} from {work})")
+    model.problems_ = data.problems + model.problems_
+    path = model.save(args.out)
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    report_problems(model.problems_, args)
+    say(args, "")
+    rows = [{"evaluated on": model.metrics_["validation"], **summary_row(model.metrics_)}]
+    say(args, table(rows, METRIC_COLS))
+    say(
+        args,
+        f"\nmodel written to {path} ({time.perf_counter() - t0:.1f} s); "
+        f"report: {os.path.join(path, 'report', 'report.html')}",
+    )
+    return 0

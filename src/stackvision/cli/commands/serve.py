@@ -1,0 +1,93 @@
+"""``stackvision serve``: the HTTP service (JSON API and a web page) for any model kind."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..options import add_weights
+
+
+def add_parser(sub) -> None:
+    sv = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP (JSON API and a web page)",
+        description="Serve a model over HTTP: POST /predict, GET /model, GET /health, a web page "
+        "at / and OpenAPI docs at /docs. Concurrent requests are batched together.",
+    )
+    sv.add_argument("model", metavar="MODEL", help="model directory")
+    sv.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)"
+    )
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument(
+        "--api-key",
+        help="require this key (X-API-Key header) on every route but /health "
+        "(default: $STACKVISION_API_KEY; none when unset)",
+    )
+    sv.add_argument(
+        "--max-batch", type=int, default=32, help="most images per forward pass (default: 32)"
+    )
+    sv.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more requests (default: 5)",
+    )
+    sv.add_argument(
+        "--max-upload-mb", type=float, default=10.0, help="largest image file (default: 10)"
+    )
+    sv.add_argument(
+        "--max-pixels",
+        type=int,
+        default=40_000_000,
+        help="largest image, width x height (default: 40000000)",
+    )
+    sv.add_argument(
+        "--max-images", type=int, default=16, help="most images per request (default: 16)"
+    )
+    sv.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level; tracebacks of server errors are logged at debug (default: info)",
+    )
+    sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    add_weights(sv)
+    sv.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ...serve import API_KEY_ENV, LOOPBACK, Limits, serve
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.host not in LOOPBACK and not api_key:
+        print(
+            f"warning: serving on {args.host} without an API key: anyone who can reach this "
+            f"address can use the model (set --api-key or {API_KEY_ENV})",
+            file=sys.stderr,
+        )
+    limits = Limits(
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_images=args.max_images,
+    )
+    print(
+        f"serving {args.model} on http://{args.host}:{args.port}/ (API docs: /docs"
+        f"{', API key required' if api_key else ''})",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        limits=limits,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        log_level=args.log_level,
+        weights=dict(args.weights or []),
+        device=args.device,
+    )
+    return 0

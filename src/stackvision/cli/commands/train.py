@@ -1,0 +1,224 @@
+"""``stackvision train``: stacked-features classifier with k-fold heads, from images or shards."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ...errors import StackvisionError
+from ..display import METRIC_COLS, report_problems, say, table
+from ..options import (
+    add_backbone_options,
+    add_labelled_data,
+    add_out,
+    add_runtime_options,
+    backbone_list,
+    check_out,
+    data_inputs,
+    listing,
+    parse_value,
+    runtime,
+    validate_estimator,
+)
+
+COMPARE_COLS = (
+    "model",
+    "views",
+    "heads",
+    "cv_accuracy",
+    "cv_log_loss",
+    "val_accuracy",
+    "val_log_loss",
+)
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser(
+        "train",
+        help="train a stacked-features classifier",
+        description="Train heads on stacked cached features with k-fold CV and flip TTA; write a "
+        "model directory.",
+    )
+    add_labelled_data(t, required=False)
+    add_out(t, "MODEL", "model directory to write")
+    add_backbone_options(t)
+    t.add_argument(
+        "--head",
+        default="logreg",
+        choices=["logreg", "mlp"],
+        help="classifier head (default: logreg)",
+    )
+    t.add_argument(
+        "--head-param",
+        action="append",
+        type=_head_param,
+        metavar="KEY=VALUE",
+        help="head hyper-parameter, e.g. C=0.1 or hidden=1024 (repeatable)",
+    )
+    t.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        help="stratified k-fold; the model is the ensemble of the K fold heads (0: no k-fold; "
+        "default: 5)",
+    )
+    t.add_argument("--val", metavar="DATA", help="separate labelled validation folder")
+    t.add_argument(
+        "--val-split", type=float, help="hold out this fraction for validation (with --folds 0)"
+    )
+    t.add_argument(
+        "--tta",
+        default="flip",
+        choices=["none", "flip"],
+        help="train on original+flipped features and average both at prediction (default: flip)",
+    )
+    t.add_argument(
+        "--class-weight", choices=["balanced"], help="weight classes inversely to their frequency"
+    )
+    t.add_argument(
+        "--no-calibrate", action="store_true", help="skip temperature calibration of probabilities"
+    )
+    t.add_argument(
+        "--compare",
+        action="store_true",
+        help="also report each backbone alone and the stack, with and without TTA",
+    )
+    t.add_argument("--seed", type=int, default=0, help="seed for splits and heads (default: 0)")
+    t.add_argument(
+        "--from-shards",
+        metavar="DIR",
+        help="train on a sharded feature set (extract --export-shards) streamed from disk, for"
+        " features larger than memory: one head, hold-out --val-split (default 0.1)",
+    )
+    add_runtime_options(t)
+    t.set_defaults(func=run)
+
+
+def _head_param(text: str) -> tuple[str, object]:
+    from ..options import kv
+
+    k, v = kv(text)
+    return k, parse_value(v)
+
+
+def _head_params(args) -> dict | None:
+    return dict(args.head_param or []) or None
+
+
+def _check_head(args) -> None:
+    """Head parameters are checked before any work, worded with the flag."""
+    from ...heads import make_head
+    from ...params import InvalidParameter
+
+    try:
+        make_head(args.head, _head_params(args))
+    except InvalidParameter as exc:
+        raise exc.flag(f"--head-param {exc.name}") from None
+
+
+def run(args) -> int:
+    _check_head(args)
+    check_out(args, "model", data_inputs(args))
+    if args.from_shards:
+        return _run_shards(args)
+    from ...classifier import StackedClassifier
+    from ...metrics import summary_row
+
+    model = StackedClassifier(
+        backbone_list(args.backbones),
+        head=args.head,
+        head_params=_head_params(args),
+        folds=args.folds,
+        val_split=args.val_split,
+        tta=args.tta,
+        pool=args.pool,
+        class_weight=args.class_weight,
+        calibrate=not args.no_calibrate,
+        weights=dict(args.weights or []),
+        seed=args.seed,
+        **runtime(args),
+    )
+    validate_estimator(model)
+    data = listing(args)
+    val = None
+    if args.val:
+        from ...data import load_labelled
+
+        vl = load_labelled(args.val)
+        val = (vl.paths, vl.labels)
+    t0 = time.perf_counter()
+    say(
+        args,
+        f"training on {len(data)} images, {len(set(data.labels))} classes, backbones "
+        f"{args.backbones}, head {args.head}, "
+        f"{'folds ' + str(args.folds) if args.folds >= 2 else 'no k-fold'}, TTA {args.tta}",
+    )
+    model.fit(data.paths, data.labels, val=val)
+    model.problems_ = data.problems + model.problems_
+    path = model.save(args.out)
+    st = model.extract_stats_
+    report_problems(model.problems_, args)
+    say(
+        args,
+        f"features: {st['n_computed']} images computed, {st['n_cached']} from cache"
+        + (f", {st['images_per_second']} img/s" if st["images_per_second"] else ""),
+    )
+    rows = []
+    if model.metrics_:
+        rows.append({"evaluated on": model.metrics_["validation"], **summary_row(model.metrics_)})
+        if "holdout" in model.metrics_:
+            rows.append(
+                {"evaluated on": "--val (fold ensemble)", **summary_row(model.metrics_["holdout"])}
+            )
+    if args.compare:
+        from ...atomic import write_json
+        from ...compare import compare_table
+
+        comparison = compare_table(model)
+        say(args, "\ncomparison (same splits, calibrated):")
+        say(args, table(comparison, [c for c in COMPARE_COLS if any(c in r for r in comparison)]))
+        write_json(os.path.join(path, "compare.json"), comparison)
+    if rows:
+        say(args, "")
+        say(args, table(rows, METRIC_COLS))
+    say(
+        args,
+        f"\nmodel written to {path} ({time.perf_counter() - t0:.1f} s); report: "
+        f"{os.path.join(path, 'report', 'report.html')}",
+    )
+    return 0
+
+
+def _run_shards(args) -> int:
+    from ...metrics import summary_row
+    from ...streaming import train_from_shards
+
+    if args.data or args.labels or args.val:
+        raise StackvisionError(
+            "--from-shards trains on the shards' features and labels only",
+            "drop DATA/--labels/--val (or drop --from-shards)",
+        )
+    if args.folds not in (0, 5) or args.compare:
+        raise StackvisionError(
+            "--from-shards trains one head on a hold-out split (no --folds, no --compare)",
+            "use --val-split to size the hold-out",
+        )
+    t0 = time.perf_counter()
+    model = train_from_shards(
+        args.from_shards,
+        head=args.head,
+        head_params=_head_params(args),
+        val_split=args.val_split or 0.1,
+        class_weight=args.class_weight,
+        calibrate=not args.no_calibrate,
+        weights=dict(args.weights or []),
+        seed=args.seed,
+        **runtime(args),
+    )
+    path = model.save(args.out)
+    sh = model.shards_
+    say(args, f"streamed {sh['n_rows']} rows from {sh['n_shards']} shard(s) in {args.from_shards}")
+    rows = [{"evaluated on": model.metrics_["validation"], **summary_row(model.metrics_)}]
+    say(args, table(rows, METRIC_COLS))
+    say(args, f"\nmodel written to {path} ({time.perf_counter() - t0:.1f} s)")
+    return 0

@@ -1,0 +1,48 @@
+"""The ``stackvision`` command: parser assembly and the one place user errors become exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+from ..errors import StackvisionError
+from .commands import VERBS
+from .options import check_args
+
+EPILOG = "Every verb has --help. Docs: README.md and docs/ in the project."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stackvision",
+        description="Fine-grained image classification by stacking pretrained models.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--version", action="version", version=f"stackvision {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for verb in VERBS:
+        importlib.import_module(f".commands.{verb}", __package__).add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        return args.func(args)
+    except StackvisionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `stackvision predict ... | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished batches are in the feature cache; run the same command again "
+            "to resume",
+            file=sys.stderr,
+        )
+        return 130

@@ -1,0 +1,270 @@
+"""Options shared by several verbs, defined once, and the checks every verb runs before any work."""
+
+from __future__ import annotations
+
+import argparse
+import numbers
+import os
+import sys
+
+from ..errors import StackvisionError
+from ..params import Interval, InvalidParameter, Options, validate_params
+
+POS = Interval(numbers.Integral, 1, None)
+
+#: Checks on plain CLI values (argparse dest -> accepted values), run before any work.
+#: Estimator parameters are checked by the estimators' own ``_parameter_constraints``.
+ARG_CONSTRAINTS = {
+    "batch_size": [POS],
+    "workers": [POS, None],
+    "ray_actors": [POS, None],
+    "top_k": [POS],
+    "shard_rows": [POS],
+    "rows": [POS],
+    "per_image": [POS],
+    "port": [Interval(numbers.Integral, 0, 65535)],
+    "max_batch": [POS],
+    "max_images": [POS],
+    "max_pixels": [POS],
+    "max_upload_mb": [Interval(numbers.Real, 0, None, closed="neither")],
+    "max_wait_ms": [Interval(numbers.Real, 0, None)],
+    "input_size": [Interval(numbers.Integral, 32, 2048), None],
+    "device": [str],
+    "runner": [Options(["local", "ray"])],
+}
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def reword(exc: InvalidParameter, flags: dict[str, str] | None = None) -> StackvisionError:
+    """An estimator's parameter error in command-line words (``folds`` -> ``--folds``)."""
+    return exc.flag((flags or {}).get(exc.name, flag_of(exc.name)))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse nonsense values before any work: one line, exit 2."""
+    try:
+        validate_params(ARG_CONSTRAINTS, vars(args))
+    except InvalidParameter as exc:
+        raise reword(exc) from None
+    cache = getattr(args, "cache", None)
+    if cache and os.path.exists(cache) and not os.path.isdir(cache):
+        raise StackvisionError(
+            f"--cache {cache} is a file, not a folder", "give --cache a folder (it is created)"
+        )
+
+
+def kv(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got '{text}'")
+    k, v = text.split("=", 1)
+    return k.strip(), v.strip()
+
+
+def parse_value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def backbone_list(text: str) -> list[str]:
+    return [b.strip() for b in text.split(",") if b.strip()]
+
+
+def add_out(p: argparse.ArgumentParser, metavar: str, help: str, required: bool = True) -> None:
+    p.add_argument("--out", required=required, metavar=metavar, help=help)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that stackvision wrote (anything else is never replaced)",
+    )
+
+
+def add_weights(p: argparse.ArgumentParser, help: str = "local checkpoint for a backbone") -> None:
+    p.add_argument(
+        "--weights", action="append", type=kv, metavar="NAME=PATH", help=help + " (repeatable)"
+    )
+
+
+def add_backbone_options(p: argparse.ArgumentParser) -> None:
+    from ..backbones import DEFAULT_STACK
+
+    p.add_argument(
+        "--backbones",
+        default=",".join(DEFAULT_STACK),
+        help=f"comma-separated backbones to stack (default: {','.join(DEFAULT_STACK)})",
+    )
+    p.add_argument(
+        "--pool",
+        default="avg",
+        choices=["avg", "max", "avgmax"],
+        help="global pooling of the last feature map (default: avg)",
+    )
+    add_weights(p)
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="feature cache folder (default: $STACKVISION_CACHE or the user cache dir)",
+    )
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="auto (GPU when torch sees one), cpu, cuda, cuda:N (default: auto)",
+    )
+    g.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "torch", "onnx", "openvino"],
+        help="inference engine: auto = torch on a GPU, else the fastest CPU engine installed "
+        "(openvino, onnx, torch) (default: auto)",
+    )
+    g.add_argument(
+        "--precision",
+        default=None,
+        choices=["fp32", "bf16", "int8"],
+        help="backbone precision: int8 is quantised on ~300 of your images, bf16 needs a CPU "
+        "with AVX-512 BF16 (default: fp32 for training; a saved model's own for predict)",
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=32, help="images per forward pass (default: 32)"
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="decode threads (default: min(4, cores); min(16, cores) when the model is on a GPU)",
+    )
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable image instead of skipping it",
+    )
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r = p.add_argument_group("runner (where extraction runs; see docs/scaling.md)")
+    r.add_argument(
+        "--runner",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process; ray: Ray Data tasks and actors (pip install 'stackvision[ray]')"
+        " (default: local)",
+    )
+    r.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster to join (HOST:6379, ray://HOST:10001 or auto; default: a local Ray)",
+    )
+    r.add_argument(
+        "--ray-actors",
+        type=int,
+        metavar="N",
+        help="backbone actors per backbone (default: one per GPU, or the cluster's CPUs less one)",
+    )
+
+
+def add_labelled_data(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "data",
+        nargs="?" if not required else None,
+        metavar="DATA",
+        help="folder with one subfolder per class (or a labels CSV)",
+    )
+    add_labels_csv(p)
+
+
+def add_labels_csv(p: argparse.ArgumentParser, data_flag: str = "DATA") -> None:
+    p.add_argument(
+        "--labels",
+        metavar="CSV",
+        help=f"labels CSV (e.g. Kaggle 'id,breed'); images in --images or {data_flag}",
+    )
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        help="folder of the images named in --labels (default: the CSV's folder)",
+    )
+    p.add_argument("--id-col", help="CSV column with the image id or path (default: detected)")
+    p.add_argument("--label-col", help="CSV column with the class label (default: detected)")
+
+
+def progress_enabled(args) -> bool:
+    return (not getattr(args, "quiet", False) and sys.stderr.isatty()) or os.environ.get(
+        "STACKVISION_PROGRESS"
+    ) == "1"
+
+
+def runtime(args) -> dict:
+    """The runtime options of a verb (where and how extraction runs; they never change a model)."""
+    precision = getattr(args, "precision", None)
+    return {
+        "cache_dir": getattr(args, "cache", None),
+        "device": getattr(args, "device", "auto"),
+        "engine": getattr(args, "engine", "auto"),
+        # None: a saved model's own precision (an int8 model's heads expect int8 features)
+        **({"precision": precision} if precision else {}),
+        "batch_size": getattr(args, "batch_size", 32),
+        "workers": getattr(args, "workers", None),
+        "strict": getattr(args, "strict", False),
+        "runner": getattr(args, "runner", "local"),
+        "ray_address": getattr(args, "ray_address", None),
+        "ray_actors": getattr(args, "ray_actors", None),
+        "progress": progress_enabled(args),
+    }
+
+
+def listing(args, data=None):
+    from ..data import load_labelled
+
+    return load_labelled(
+        data if data is not None else args.data,
+        args.labels,
+        args.images,
+        args.id_col,
+        args.label_col,
+    )
+
+
+def data_inputs(args) -> list[str | None]:
+    """The input paths of a labelled-data verb (never written over)."""
+    return [
+        getattr(args, n, None) for n in ("data", "labels", "images", "val", "from_shards", "models")
+    ]
+
+
+def check_out(args, kind: str, inputs) -> str:
+    """:func:`stackvision.outputs.check_out` with this verb's flags and cache."""
+    from ..cache import default_cache_dir
+    from ..outputs import check_out as _check
+
+    flat: list[str | None] = []
+    for item in inputs:
+        flat += item if isinstance(item, list | tuple) else [item]
+    cache = getattr(args, "cache", None) or default_cache_dir()
+    return _check(
+        args.out, kind, overwrite=args.overwrite, inputs=flat, cache_dir=cache, flag="--out"
+    )
+
+
+def load_model_for(args, path: str | None = None):
+    """Load a model directory of any kind with the runtime options from ``args``."""
+    from ..models import load_model
+
+    return load_model(
+        path or args.model, weights=dict(getattr(args, "weights", None) or []), **runtime(args)
+    )
+
+
+def validate_estimator(model, flags: dict[str, str] | None = None) -> None:
+    """Check an estimator's parameters before any work, in command-line words."""
+    try:
+        model._check_params()
+    except InvalidParameter as exc:
+        raise reword(exc, flags) from None
