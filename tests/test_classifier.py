@@ -153,7 +153,7 @@ def test_parameters_are_validated_at_fit(woof_train, cache_dir):
         ({"head": "svm"}, "unknown head"),
         ({"folds": 1}, "--folds"),
         ({"tta": "rot90"}, "TTA"),
-        ({"head_params": {"bogus": 1}}, "unknown logreg head parameter"),
+        ({"head_params": {"bogus": 1}}, "logreg head: unknown parameter .bogus."),
         ({"backbones": ["lite0", "nope"]}, "unknown backbone 'nope'"),
     ]:
         with pytest.raises(StackvisionError, match=msg):

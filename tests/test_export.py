@@ -135,7 +135,7 @@ def test_export_user_errors(tiny_model, tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "m.onnx")]) == 2
     assert "model not found" in capsys.readouterr().err
     assert main(["export", str(tiny_model), "--out", str(tmp_path)]) == 2
-    assert "is a folder" in capsys.readouterr().err
+    assert "is an existing folder" in capsys.readouterr().err
     with pytest.raises(StackvisionError, match="cannot be exported"):
         export_onnx(object(), str(tmp_path / "x.onnx"))
     with pytest.raises(StackvisionError, match="uint8 batch of shape"):

@@ -111,7 +111,12 @@ def _check_head(args) -> None:
     from ...params import InvalidParameter
 
     try:
-        make_head(args.head, _head_params(args))
+        params = _head_params(args)
+        if args.from_shards:  # the streaming loop takes some of them (epochs, lr, ...)
+            from ...streaming import split_params
+
+            params, _ = split_params(args.head, params)
+        make_head(args.head, params)
     except InvalidParameter as exc:
         raise exc.flag(f"--head-param {exc.name}") from None
 
