@@ -127,7 +127,7 @@ def test_every_kind_is_served_like_forward_uint8(served, heldout):
     assert health["requests"]["server_errors"] == health["requests"]["client_errors"] == 0
 
 
-def test_mlp_head_is_described(mlp_dir, cache_dir):
+def test_mlp_head_is_described(mlp_dir):
     """The MLP case above is really an MLP head (train --head mlp)."""
     assert json.loads((mlp_dir / "manifest.json").read_text())["head"]["kind"] == "mlp"
 
