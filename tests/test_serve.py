@@ -222,4 +222,4 @@ def test_serve_user_errors(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "model not found" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
-    assert "--max-batch must be at least 1" in capsys.readouterr().err
+    assert "--max-batch must be an integer >= 1" in capsys.readouterr().err
