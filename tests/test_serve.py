@@ -76,8 +76,11 @@ def noise_png(w, h, seed=0) -> bytes:
 def test_health_needs_no_key_model_does(server):
     r = httpx.get(server.url + "/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert {"requests", "images", "client_errors", "server_errors"} <= set(r.json()["requests"])
+    assert len(r.headers["x-request-id"]) == 16
     r = httpx.get(server.url + "/model")
     assert r.status_code == 401 and r.json()["error"] == "missing API key"
+    assert r.json()["request_id"] == r.headers["x-request-id"]
     r = httpx.get(server.url + "/model", headers={"X-API-Key": "wrong"})
     assert r.status_code == 401 and r.json()["error"] == "wrong API key"
     r = httpx.get(server.url + "/model", headers={"Authorization": f"Bearer {KEY}"})
@@ -219,4 +222,4 @@ def test_serve_user_errors(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "model not found" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
-    assert "--max-batch must be at least 1" in capsys.readouterr().err
+    assert "--max-batch must be an integer >= 1" in capsys.readouterr().err

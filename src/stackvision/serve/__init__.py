@@ -1,0 +1,28 @@
+"""The HTTP prediction service: FastAPI on uvicorn, with dynamic batching.
+
+Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
+
+* ``POST /predict``: one or more images, as multipart field ``file`` (repeatable) or JSON
+  ``{"images": ["<base64>", ...]}``; answers the top-k classes per image.
+* ``GET /model``: classes, backbones, head, metrics, input contract, versions, serving stats.
+* ``GET /health``: liveness, request counters (server errors included) and batching counters
+  (never needs the API key).
+* ``GET /``: a web page to try the model (drop an image, see the top-5 classes).
+
+Every image is decoded and prepared in a worker thread (:func:`stackvision.export.prepare_image`,
+the same input contract as the ONNX export), then queued. One batching task takes whatever is
+queued, waits at most ``max_wait_ms`` for more, up to ``max_batch`` images, and runs a single
+forward pass for all of them in the inference thread; concurrent requests therefore share backbone
+passes instead of each paying for its own.
+
+Modules: :mod:`.app` (the app, routes, request ids and error accounting, :func:`serve`),
+:mod:`.batching` (:class:`Batcher`), :mod:`.requests` (body formats, limits, image preparation),
+:mod:`.auth` (the API key).
+"""
+
+from .app import create_app, serve
+from .auth import API_KEY_ENV, LOOPBACK
+from .batching import Batcher
+from .requests import ApiError, Limits
+
+__all__ = ["API_KEY_ENV", "LOOPBACK", "ApiError", "Batcher", "Limits", "create_app", "serve"]
