@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from .atomic import atomic_open
 from .errors import StackvisionError
 
 CACHE_FORMAT = "features-v1"
@@ -122,10 +123,8 @@ class FeatureCache:
             os.makedirs(self.root, exist_ok=True)
             meta = os.path.join(self.root, key + ".json")
             if not os.path.exists(meta):
-                tmp = f"{meta}.{os.getpid()}.tmp"
-                with open(tmp, "w") as fh:
+                with atomic_open(meta, "w") as fh:
                     json.dump({**fields, "dim": dim}, fh, indent=1, sort_keys=True)
-                os.replace(tmp, meta)
             self._stores[key] = FeatureStore(os.path.join(self.root, key + ".sqlite"), dim)
         return self._stores[key]
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from .atomic import atomic_dir, atomic_open
 from .errors import StackvisionError
 
 SHARDS_FORMAT = "stackvision-shards-v1"
@@ -94,18 +94,13 @@ class ShardWriter:
             taken += k
         self._n_buf -= n
         name = f"shard-{len(self.shards):05d}"
-        tmp = os.path.join(self.out_dir, f".{name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        np.save(os.path.join(tmp, "hashes.npy"), np.concatenate([p[0] for p in parts]))
-        np.save(os.path.join(tmp, "labels.npy"), np.concatenate([p[2] for p in parts]))
-        for bi, b in enumerate(self.backbones):
-            for vi, v in enumerate(self.views):
-                arr = np.concatenate([p[1][b["name"]][:, vi] for p in parts]).astype(np.float32)
-                np.save(os.path.join(tmp, f"b{bi}.{v}.npy"), arr)
-        final = os.path.join(self.out_dir, name)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_dir(os.path.join(self.out_dir, name)) as tmp:
+            np.save(os.path.join(tmp, "hashes.npy"), np.concatenate([p[0] for p in parts]))
+            np.save(os.path.join(tmp, "labels.npy"), np.concatenate([p[2] for p in parts]))
+            for bi, b in enumerate(self.backbones):
+                for vi, v in enumerate(self.views):
+                    arr = np.concatenate([p[1][b["name"]][:, vi] for p in parts]).astype(np.float32)
+                    np.save(os.path.join(tmp, f"b{bi}.{v}.npy"), arr)
         self.shards.append({"dir": name, "rows": n})
         self.n_rows += n
 
@@ -121,10 +116,8 @@ class ShardWriter:
             "shards": self.shards,
             **self.meta,
         }
-        tmp = os.path.join(self.out_dir, INDEX + ".tmp")
-        with open(tmp, "w") as fh:
+        with atomic_open(os.path.join(self.out_dir, INDEX), "w") as fh:
             json.dump(index, fh, indent=1)
-        os.replace(tmp, os.path.join(self.out_dir, INDEX))
         return index
 
 
