@@ -32,6 +32,8 @@ def test_numpy_and_torch_agree_exactly():
             got = Normalize(pp, order)(torch.from_numpy(x)).numpy()
             assert want.dtype == np.float32 and want.shape == (3, 3, 32, 32)
             np.testing.assert_array_equal(got, want)
+            nchw = torch.from_numpy(x).permute(0, 3, 1, 2).float()
+            np.testing.assert_array_equal(Normalize(pp, order).standardize(nchw).numpy(), want)
     # the old numpy arithmetic ((x / 255 - mean) / std) agrees to float32 rounding
     old = (x.astype(np.float32) / 255 - np.float32(PP.mean)) / np.float32(PP.std)
     np.testing.assert_allclose(PP.normalize(x), old.transpose(0, 3, 1, 2), atol=1e-5)

@@ -155,7 +155,11 @@ def _normalize_class():
             self.register_buffer("std", torch.from_numpy(std).view(1, 3, 1, 1))
 
         def forward(self, x):
-            x = x.permute(0, 3, 1, 2).float()
+            return self.standardize(x.permute(0, 3, 1, 2).float())
+
+        def standardize(self, x):
+            """Float NCHW pixels (0..255, in ``input_order``) -> normalised NCHW; for callers
+            that work on NCHW before normalising (the export's in-graph resize)."""
             if self.flip:
                 x = x.flip(1)
             return (x - self.mean) / self.std
