@@ -352,6 +352,7 @@ def test_mlp_head_tensors_are_checked():
         ({"head0.scale": np.zeros(D, np.float32)}, "must be > 0"),
         ({"head1.mean": np.zeros(D, np.float32)}, "belongs to no head"),
         ({"head0.layer0.weight": np.full((H, D), math.inf, np.float32)}, "non-finite"),
+        ({"head0.extra.weight": np.zeros((1, 1), np.float32)}, "needs tensors"),
     ]
     for change, words in bad:
         with pytest.raises(StackvisionError, match=words.replace("(", r"\(")) as exc:
@@ -360,3 +361,49 @@ def test_mlp_head_tensors_are_checked():
     missing = {k: v for k, v in good.items() if k != "head0.layer1.bias"}
     with pytest.raises(StackvisionError, match="'head0.layer1.bias' is missing"):
         validate_tensors("m", manifest, missing, "m/weights.safetensors")
+
+
+# (kind, change to the manifest, words of the error); checked in-process (load_model), fast.
+MORE = [
+    ("stack", lambda m: m.__setitem__("n_heads", True), '"n_heads" must be an integer >= 1, got true'),
+    ("stack", lambda m: m.__setitem__("temperature", math.nan), '"temperature" must be a number > 0'),
+    ("stack", lambda m: m.__setitem__("folds", 1), '"folds" must be one of 0 or an integer >= 2'),
+    ("stack", lambda m: m["backbones"][0].__setitem__("feature_dim", "1280"), '"backbones[0].feature_dim"'),
+    ("stack", lambda m: m["head"].__setitem__("kind", "svm"), '"head.kind" must be one of'),
+    ("stack", lambda m: m.__setitem__("calibration", {}), '"calibration" must name'),
+    ("stack", lambda m: m.__setitem__("weights", "."), "is the model directory itself"),
+    ("stack", lambda m: m.__setitem__("classes", []), '"classes" must be a non-empty list'),
+    ("stack", lambda m: m.__setitem__("classes", ["daisy", "", "tulip"]), '"classes[1]" must be'),
+    ("stack", lambda m: m.__setitem__("kind", ["stack"]), '"kind" must be a string'),
+    ("finetune", lambda m: m["preprocess"]["mean"].append(0.5), '"preprocess.mean" must be a list of 3'),
+    ("finetune", lambda m: m["preprocess"].__setitem__("gamma", 2), '"preprocess.gamma" is not a field'),
+    ("finetune", lambda m: m["backbone"].__setitem__("architecture", "no_such_net"), "not a model this timm knows"),
+    ("finetune", lambda m: m["head"].__setitem__("output", "sigmoid"), '"head.output" is sigmoid but 3 classes'),
+    ("finetune", lambda m: m["training"]["augment"].__setitem__("blur", 1), '"training.augment.blur"'),
+    ("ensemble", lambda m: m.__setitem__("members", m["members"][:1]), "a list of at least 2 member objects"),
+    ("ensemble", lambda m: m["members"][0].__setitem__("kind", "finetune"), "is listed as 'finetune'"),
+    ("ensemble", lambda m: m.__setitem__("method", "median"), '"method" must be one of'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,change,words", MORE, ids=[f"{k}-{w[:24]}" for k, _, w in MORE])
+def test_more_damage_in_process(models, tmp_path, kind, change, words):
+    d = copy_model(models, kind, tmp_path)
+    edit_manifest(d, change)
+    with pytest.raises(StackvisionError) as exc:
+        load_model(d, device="cpu")
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_unreadable_manifests(models, tmp_path):
+    d = copy_model(models, "stack", tmp_path)
+    mf = os.path.join(d, "manifest.json")
+    for content, words in [
+        (b"\xff\xfe not utf-8", "cannot read"),
+        (b"[1, 2]", "is not a stackvision manifest"),
+        (b'{"format": "stackvision-model", "format_version": true}', "format version"),
+    ]:
+        with open(mf, "wb") as fh:
+            fh.write(content)
+        with pytest.raises(StackvisionError, match=words):
+            load_model(d)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import numbers
 import os
 import re
@@ -55,6 +56,7 @@ class ListOf:
     words: str  # how the message describes an acceptable list
     min_len: int = 0
     distinct: bool = False
+    max_len: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,13 @@ def _at(where: str, key) -> str:
     return f"{where}[{key}]" if isinstance(key, int) else (f"{where}.{key}" if where else key)
 
 
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _leaf_ok(c, v) -> bool:
     if isinstance(v, bool) and c is not bool:
         return False  # JSON true/false is never a number here
@@ -123,7 +132,7 @@ def _leaf_ok(c, v) -> bool:
     if isinstance(c, Interval | Options):
         return c.accepts(v)
     if c is float:
-        return isinstance(v, numbers.Real) and np.isfinite(v)
+        return isinstance(v, numbers.Real) and _finite(v)
     if isinstance(c, type):
         return isinstance(v, c)
     raise TypeError(f"unknown constraint {c!r}")
@@ -161,7 +170,11 @@ def check(c, v, where: str = "") -> None:
                     )
         return
     if isinstance(c, ListOf):
-        if not isinstance(v, list) or len(v) < c.min_len:
+        if (
+            not isinstance(v, list)
+            or len(v) < c.min_len
+            or (c.max_len is not None and len(v) > c.max_len)
+        ):
             raise Invalid(where, f"must be {c.words}, got {_show(v)}")
         for i, x in enumerate(v):
             check(c.item, x, _at(where, i))
@@ -196,9 +209,9 @@ def manifest_tables() -> dict[str, Obj]:
     from .ensemble import METHODS
     from .heads import HEADS
 
-    rgb = ListOf(float, "a list of 3 numbers", 3)
+    rgb = ListOf(float, "a list of 3 numbers", 3, max_len=3)
     preprocess = Obj(  # Preprocess.from_dict(d) is Preprocess(**d)
-        required={"mean": rgb, "std": ListOf(POSITIVE, "a list of 3 numbers > 0", 3)},
+        required={"mean": rgb, "std": ListOf(POSITIVE, "a list of 3 numbers > 0", 3, max_len=3)},
         optional={
             "input_size": POSITIVE_INT,
             "crop_pct": POSITIVE,
@@ -458,7 +471,8 @@ def _stack_tensors(m: dict, t: dict, s: _Shapes) -> None:
             for n in t
             if (x := re.fullmatch(re.escape(p) + r"layer(\d+)\.weight", n))
         )
-        if not layers or layers != list(range(len(layers))):
+        n_weights = sum(1 for n in t if n.startswith(p) and n.endswith(".weight"))
+        if not layers or layers != list(range(len(layers))) or n_weights != len(layers):
             s.fail(f"the mlp head {k} needs tensors {p}layer0.weight, {p}layer1.weight, ...")
         d_in = D
         for i in layers:
