@@ -230,7 +230,12 @@ def manifest_tables() -> dict[str, Obj]:
     }
     source = Options(("embedded", "timm", "file"))
     tta = Options(TTA_MODES)
-    common = {"seed": int, "metrics": (None, dict), "stackvision_version": str, "created": str}
+    common = {
+        "seed": (None, int),
+        "metrics": (None, dict),
+        "stackvision_version": str,
+        "created": str,
+    }
     return {
         "stack": Obj(
             required={
