@@ -18,11 +18,11 @@ SRC = str(Path(stackvision.__file__).resolve().parents[1])
 
 def train_tiny(data_dir, cache_dir: str, out: Path, backbones=("lite0",), **params) -> Path:
     """A small stack (lite0, 2 folds by default) trained on ``data_dir``, saved to ``out``."""
-    from stackvision import StackedClassifier
+    from stackvision import Runtime, StackedClassifier
     from stackvision.data import load_labelled
 
     listing = load_labelled(str(data_dir))
-    model = StackedClassifier(list(backbones), folds=2, cache_dir=cache_dir, **params)
+    model = StackedClassifier(list(backbones), folds=2, runtime=Runtime(cache_dir), **params)
     model.fit(listing.paths, listing.labels)
     model.save(str(out), report=False)
     return out

@@ -11,6 +11,7 @@ import time
 
 from . import __version__
 from .errors import StackvisionError
+from .runtime import Runtime
 
 EPILOG = "Every verb has --help. Docs: README.md and docs/ in the project."
 
@@ -323,7 +324,7 @@ def cmd_train_shards(args) -> int:
         calibrate=not args.no_calibrate,
         weights=dict(args.weights or []),
         seed=args.seed,
-        **_runtime(args),
+        runtime=Runtime(**_runtime(args)),
     )
     path = model.save(args.out)
     sh = model.shards_
@@ -362,7 +363,7 @@ def cmd_train(args) -> int:
         calibrate=not args.no_calibrate,
         weights=dict(args.weights or []),
         seed=args.seed,
-        **rt,
+        runtime=Runtime(**rt),
     )
     t0 = time.perf_counter()
     n_classes = len(set(listing.labels))

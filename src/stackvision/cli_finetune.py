@@ -7,6 +7,7 @@ import shutil
 import time
 
 from .errors import StackvisionError
+from .runtime import Runtime
 
 
 def _cli():
@@ -61,11 +62,8 @@ def cmd_finetune(args) -> int:
         weights=dict(args.weights or []),
         work_dir=work,
         seed=args.seed,
-        device=rt["device"],
         batch_size=rt["batch_size"],
-        workers=rt["workers"],
-        strict=rt["strict"],
-        progress=not args.quiet,
+        runtime=Runtime(**{**rt, "progress": not args.quiet}),
     )
     t0 = time.perf_counter()
     cli._say(
@@ -152,7 +150,7 @@ def cmd_ensemble(args) -> int:
         folds=args.folds,
         seed=args.seed,
         weights=dict(args.weights or []),
-        **rt,
+        runtime=Runtime(**rt),
     )
     t0 = time.perf_counter()
     cli._say(
