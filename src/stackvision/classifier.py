@@ -388,7 +388,8 @@ class StackedClassifier(ModelBase):
                     title=f"stackvision model: {'+'.join(s.name for s in self.specs_)} / {self.head}",
                 )
 
-        return write_model_dir(path, self._manifest(), self._tensors(), files, add_report)
+        manifest = self.manifest_ or self._manifest()  # a loaded model keeps its own
+        return write_model_dir(path, manifest, self._tensors(), files, add_report)
 
     @classmethod
     def load(
