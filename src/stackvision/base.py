@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import functools
 import inspect
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -224,6 +225,35 @@ class ModelBase(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def save(self, path: str, *, report: bool = True) -> str:
         """Write the model directory at ``path``; returns its absolute path."""
+
+    def _write_dir(
+        self, path, manifest, tensors, *, histories, title, report, files=None, extra=None
+    ):
+        """Write the model directory (:func:`stackvision.model_dir.write_model_dir`): manifest,
+        tensors, ``history.json``, ``metrics.json`` with the problems, ``files``, what
+        ``extra(tmp)`` adds, and (``report`` and evaluation data) the HTML report."""
+        from .model_dir import write_model_dir
+
+        files = {"history.json": histories, **(files or {})}
+        if self.metrics_:
+            files["metrics.json"] = {
+                **self.metrics_,
+                "problems": [p.__dict__ for p in self.problems_],
+            }
+
+        def add(tmp):
+            if extra is not None:
+                extra(tmp)
+            if report and self.metrics_ and self.eval_:
+                from .report import write_report
+
+                paths, y, proba = self.eval_
+                write_report(
+                    os.path.join(tmp, "report"), self.metrics_, paths, y, proba, self.classes_,
+                    histories=histories, problems=self.problems_, title=title,
+                )  # fmt: skip
+
+        return write_model_dir(path, manifest, tensors, files, add)
 
     @classmethod
     @abc.abstractmethod

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import numbers
-import os
 from collections import Counter
 from collections.abc import Sequence
 
@@ -23,7 +22,7 @@ from .errors import StackvisionError
 from .extract import Features
 from .heads import HEADS, make_head
 from .metrics import summary_row
-from .model_dir import read_manifest, read_tensors, write_model_dir
+from .model_dir import read_manifest, read_tensors
 from .params import Interval, InvalidParameter, Options
 from .preprocess import Preprocess
 from .runners import extract_features
@@ -364,32 +363,14 @@ class StackedClassifier(ModelBase):
     def save(self, path: str, *, report: bool = True) -> str:
         """Write the model directory (see :mod:`stackvision.model_dir`), with metrics and report."""
         self.check_is_fitted()
-        files = {"history.json": self.histories_}
-        if self.metrics_:
-            files["metrics.json"] = {
-                **self.metrics_,
-                "problems": [p.__dict__ for p in self.problems_],
-            }
-
-        def add_report(tmp):
-            if report and self.metrics_ and self.eval_:
-                from .report import write_report
-
-                paths, y, proba = self.eval_
-                write_report(
-                    os.path.join(tmp, "report"),
-                    self.metrics_,
-                    paths,
-                    y,
-                    proba,
-                    self.classes_,
-                    histories=self.histories_,
-                    problems=self.problems_,
-                    title=f"stackvision model: {'+'.join(s.name for s in self.specs_)} / {self.head}",
-                )
-
-        manifest = self.manifest_ or self._manifest()  # a loaded model keeps its own
-        return write_model_dir(path, manifest, self._tensors(), files, add_report)
+        return self._write_dir(
+            path,
+            self.manifest_ or self._manifest(),  # a loaded model keeps its own
+            self._tensors(),
+            histories=self.histories_,
+            title=f"stackvision model: {'+'.join(s.name for s in self.specs_)} / {self.head}",
+            report=report,
+        )
 
     @classmethod
     def load(

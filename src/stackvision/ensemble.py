@@ -48,7 +48,7 @@ from .ensemble_methods import (
 from .errors import StackvisionError
 from .heads import LogRegHead
 from .metrics import classification_metrics, log_loss, summary_row
-from .model_dir import read_manifest, read_tensors, write_model_dir
+from .model_dir import read_manifest, read_tensors
 from .params import Interval, InvalidParameter, Options
 from .preprocess import Preprocess
 from .runtime import Runtime
@@ -376,14 +376,6 @@ class EnsembleClassifier(ModelBase):
                 tensors[f"stacked.{k}"] = np.asarray(v, np.float32)
         if not tensors:
             tensors["mean.placeholder"] = np.zeros(1, np.float32)  # safetensors needs one array
-        files: dict = {"history.json": []}
-        metrics = self.metrics_
-        if metrics:
-            files["metrics.json"] = {
-                **metrics,
-                "problems": [p.__dict__ for p in self.problems_],
-            }
-            files["comparison.json"] = self.table_
 
         def add(tmp):
             for entry, src, m in zip(entries, self.member_dirs_, self.members_):
@@ -392,22 +384,17 @@ class EnsembleClassifier(ModelBase):
                     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".tmp-*"))
                 else:
                     m.save(dst)
-            if report and metrics and self.eval_:
-                from .report import write_report
 
-                paths, y, proba = self.eval_
-                write_report(
-                    os.path.join(tmp, "report"),
-                    metrics,
-                    paths,
-                    y,
-                    proba,
-                    self.classes_,
-                    problems=self.problems_,
-                    title=f"stackvision ensemble ({self.method_}): {', '.join(self.member_names_)}",
-                )
-
-        out = write_model_dir(path, self._manifest(entries), tensors, files, add)
+        out = self._write_dir(
+            path,
+            self._manifest(entries),
+            tensors,
+            histories=[],
+            title=f"stackvision ensemble ({self.method_}): {', '.join(self.member_names_)}",
+            report=report,
+            files={"comparison.json": self.table_} if self.metrics_ else None,
+            extra=add,
+        )
         # From now on the members live inside the ensemble directory.
         self.member_dirs_ = [os.path.join(out, e["dir"]) for e in entries]
         return out

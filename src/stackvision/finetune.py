@@ -47,7 +47,7 @@ from .finetune_net import (
 )
 from .finetune_train import CHECKPOINT, FineTuneTraining
 from .metrics import classification_metrics, summary_row
-from .model_dir import read_manifest, read_tensors, write_model_dir
+from .model_dir import read_manifest, read_tensors
 from .params import Interval, InvalidParameter, Options
 from .preprocess import Preprocess
 from .runtime import Runtime
@@ -383,33 +383,14 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
         tensors = {
             k: v.detach().cpu().contiguous().numpy() for k, v in self.net_.state_dict().items()
         }
-        files = {"history.json": [self.history_]}
-        metrics = self.metrics_
-        if metrics:
-            files["metrics.json"] = {
-                **metrics,
-                "problems": [p.__dict__ for p in self.problems_],
-            }
-
-        def add_report(tmp):
-            if report and metrics and self.eval_:
-                from .report import write_report
-
-                paths, y, proba = self.eval_
-                write_report(
-                    os.path.join(tmp, "report"),
-                    metrics,
-                    paths,
-                    y,
-                    proba,
-                    self.classes_,
-                    histories=[self.history_],
-                    problems=self.problems_,
-                    title=f"stackvision fine-tuned model: {self.spec_.name}",
-                )
-
-        manifest = self.manifest_ or self._manifest()
-        return write_model_dir(path, manifest, tensors, files, add_report)
+        return self._write_dir(
+            path,
+            self.manifest_ or self._manifest(),
+            tensors,
+            histories=[self.history_],
+            title=f"stackvision fine-tuned model: {self.spec_.name}",
+            report=report,
+        )
 
     @classmethod
     def load(
