@@ -252,8 +252,8 @@ def test_sklearn_estimator_checks(cls, check):
     check(cls.__name__, cls())
 
 
-def test_cross_val_score_on_image_paths(built, train):
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+def test_cross_val_score_and_grid_search_on_image_paths(built, train):
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
 
     model = built["stack-logreg"][0]
     X, y = np.asarray(train[0]), np.asarray(train[1])
@@ -264,18 +264,18 @@ def test_cross_val_score_on_image_paths(built, train):
     ]
     np.testing.assert_array_equal(scores, by_hand)
     assert (scores > 1 / 3).all()  # better than chance (3 classes)
+    search = GridSearchCV(model, {"head_params": [{"C": 0.1}, {"C": 10.0}]}, cv=2).fit(X, y)
+    assert search.best_params_["head_params"] in ({"C": 0.1}, {"C": 10.0})
+    assert search.best_estimator_.predict(X[:2]).shape == (2,)
 
 
 def test_the_contract_is_called_directly():
     """Export and ensembles call the contract; nothing probes models with hasattr/getattr."""
-    import stackvision.base as base
-    import stackvision.classifier as classifier
-    import stackvision.ensemble as ensemble
-    import stackvision.export as export
-    import stackvision.finetune as finetune
-    import stackvision.models as models
+    import importlib
 
-    for mod in (base, classifier, ensemble, export, finetune, models):
+    names = ["base", "classifier", "ensemble", "ensemble_methods", "export", "finetune",
+             "finetune_net", "finetune_train", "models", "compare"]  # fmt: skip
+    for mod in [importlib.import_module(f"stackvision.{n}") for n in names]:
         src = inspect.getsource(mod)
         assert "hasattr(" not in src, mod.__name__
         assert "getattr(self" not in src and "getattr(model" not in src, mod.__name__
