@@ -156,7 +156,7 @@ def test_parameters_are_validated_at_fit(woof_train, cache_dir):
     X, y = _data(woof_train)
     for kwargs, msg in [
         ({"head": "svm"}, "head must be one of 'logreg', 'mlp'"),
-        ({"folds": 1}, "folds must be an integer >= 2 or one of 0"),
+        ({"folds": 1}, "folds must be an integer >= 2 or 0, got 1"),
         ({"tta": "rot90"}, "tta must be one of"),
         ({"head_params": {"bogus": 1}}, "unknown logreg head parameter"),
         ({"backbones": ["lite0", "nope"]}, "unknown backbone 'nope'"),

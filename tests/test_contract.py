@@ -184,6 +184,7 @@ def test_unknown_parameter_suggests_the_close_one(cls, typo, right):
 INVALID = {
     StackedClassifier: [
         ("folds", 1),
+        ("folds", False),
         ("tta", "rot90"),
         ("val_split", 1.5),
         ("head", "svm"),

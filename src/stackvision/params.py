@@ -80,9 +80,13 @@ class Options:
         object.__setattr__(self, "values", tuple(values))
 
     def accepts(self, v) -> bool:
+        if isinstance(v, bool) and not any(isinstance(x, bool) for x in self.values):
+            return False  # True == 1 and False == 0, yet neither is a count
         return isinstance(v, str | int | float | type(None)) and v in self.values
 
     def __str__(self) -> str:
+        if len(self.values) == 1:
+            return repr(self.values[0])
         return "one of " + ", ".join(repr(v) for v in self.values)
 
 
