@@ -52,8 +52,9 @@ def run(args) -> int:
         folds=args.folds,
         seed=args.seed,
         weights=dict(args.weights or []),
-        **opt.runtime(args),
+        runtime=opt.runtime(args),
     )
+    opt.validate_estimator(ens)
     data = opt.listing(args, data=args.data)
     t0 = time.perf_counter()
     say(

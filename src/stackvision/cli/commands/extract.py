@@ -76,25 +76,25 @@ def run(args) -> int:
         data = from_paths([args.data] if args.data else [])
     specs = [resolve(b, dict(args.weights or [])) for b in opt.backbone_list(args.backbones)]
     views = ("orig", "flip") if args.tta == "flip" else ("orig",)
-    precision = rt.get("precision", "fp32")
-    cache = FeatureCache(rt["cache_dir"])
+    precision = rt.precision or "fp32"
+    cache = FeatureCache(rt.cache_dir)
     t0 = time.perf_counter()
     feats = extract_features(
         data.paths,
         specs,
-        runner=rt["runner"],
-        ray_address=rt["ray_address"],
-        ray_actors=rt["ray_actors"],
+        runner=rt.runner,
+        ray_address=rt.ray_address,
+        ray_actors=rt.ray_actors,
         views=views,
         pool=args.pool,
         cache=cache,
-        engine=rt["engine"],
+        engine=rt.engine,
         precision=precision,
-        device=rt["device"],
-        batch_size=rt["batch_size"],
-        workers=rt["workers"],
-        strict=rt["strict"],
-        progress=rt["progress"],
+        device=rt.device,
+        batch_size=rt.batch_size,
+        workers=rt.workers,
+        strict=rt.strict,
+        progress=rt.progress,
         assemble=False,  # the features stay in the cache (and in --export-shards)
     )
     st = feats.stats
@@ -111,7 +111,7 @@ def run(args) -> int:
     print(table([row], list(row)))
     print(f"cache: {cache.root}")
     if args.export_shards:
-        _export_shards(args, data, feats, specs, views, cache, rt["engine"], precision)
+        _export_shards(args, data, feats, specs, views, cache, rt.engine, precision)
     return 0
 
 

@@ -124,7 +124,6 @@ def run(args) -> int:
     opt.check_out(args, "model", opt.data_inputs(args))
     work = work_dir_for(args.out)
     check_work_dir(work)
-    rt = opt.runtime(args)
     model = FineTunedClassifier(
         args.backbone,
         epochs=args.epochs,
@@ -144,11 +143,8 @@ def run(args) -> int:
         weights=dict(args.weights or []),
         work_dir=work,
         seed=args.seed,
-        device=rt["device"],
-        batch_size=rt["batch_size"],
-        workers=rt["workers"],
-        strict=rt["strict"],
-        progress=not args.quiet,
+        batch_size=args.batch_size,  # a training parameter too (part of the resume check)
+        runtime=opt.runtime(args, progress=not args.quiet),
     )
     opt.validate_estimator(model)
     data = opt.listing(args)

@@ -127,7 +127,7 @@ def run(args) -> int:
         calibrate=not args.no_calibrate,
         weights=dict(args.weights or []),
         seed=args.seed,
-        **opt.runtime(args),
+        runtime=opt.runtime(args),
     )
     opt.validate_estimator(model)
     data = opt.listing(args)
@@ -199,7 +199,7 @@ def _run_shards(args) -> int:
         calibrate=not args.no_calibrate,
         weights=dict(args.weights or []),
         seed=args.seed,
-        **opt.runtime(args),
+        runtime=opt.runtime(args),
     )
     path = model.save(args.out)
     sh = model.shards_
