@@ -75,6 +75,17 @@ def backbone_list(text: str) -> list[str]:
     return [b.strip() for b in text.split(",") if b.strip()]
 
 
+def add_numbers(p: argparse.ArgumentParser, rows) -> None:
+    """Numeric options from a table of (flag, type, default, help); the default joins the help."""
+    for flag, kind, default, text in rows:
+        shown = "" if default is None else f" (default: {default:g})"
+        p.add_argument(flag, type=kind, default=default, help=text + shown)
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="model directory (any kind)")
+
+
 def add_out(p: argparse.ArgumentParser, metavar: str, help: str, required: bool = True) -> None:
     p.add_argument("--out", required=required, metavar=metavar, help=help)
     p.add_argument(

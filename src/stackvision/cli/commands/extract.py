@@ -1,4 +1,7 @@
-"""``stackvision extract``: fill the feature cache ahead of training (and optionally export shards)."""
+"""``stackvision extract``: fill the feature cache ahead of training.
+
+Compute and cache backbone features for a data set (nothing cached is recomputed).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +12,7 @@ from .. import options as opt
 from ..display import report_problems, table
 
 
-def add_parser(sub) -> None:
-    e = sub.add_parser(
-        "extract",
-        help="fill the feature cache ahead of training",
-        description="Compute and cache backbone features for a data set (nothing cached is "
-        "recomputed).",
-    )
+def add_arguments(e) -> None:
     e.add_argument(
         "data", nargs="?", metavar="DATA", help="folder of class subfolders, images or a CSV"
     )
@@ -46,7 +43,6 @@ def add_parser(sub) -> None:
         help="replace an existing --export-shards folder that stackvision wrote",
     )
     opt.add_runtime_options(e)
-    e.set_defaults(func=run)
 
 
 def _looks_labelled(folder: str) -> bool:

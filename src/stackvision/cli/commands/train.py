@@ -1,4 +1,7 @@
-"""``stackvision train``: stacked-features classifier with k-fold heads, from images or shards."""
+"""``stackvision train``: train a stacked-features classifier.
+
+Train heads on stacked cached features with k-fold CV and flip TTA; write a model directory.
+"""
 
 from __future__ import annotations
 
@@ -20,13 +23,7 @@ COMPARE_COLS = (
 )
 
 
-def add_parser(sub) -> None:
-    t = sub.add_parser(
-        "train",
-        help="train a stacked-features classifier",
-        description="Train heads on stacked cached features with k-fold CV and flip TTA; write a "
-        "model directory.",
-    )
+def add_arguments(t) -> None:
     opt.add_labelled_data(t, required=False)
     opt.add_out(t, "MODEL", "model directory to write")
     opt.add_backbone_options(t)
@@ -79,7 +76,6 @@ def add_parser(sub) -> None:
         " features larger than memory: one head, hold-out --val-split (default 0.1)",
     )
     opt.add_runtime_options(t)
-    t.set_defaults(func=run)
 
 
 def _head_param(text: str) -> tuple[str, object]:
