@@ -17,7 +17,6 @@ temperature fitted on the validation predictions, like the feature-stack models.
 
 from __future__ import annotations
 
-import datetime as _dt
 import numbers
 import os
 import time
@@ -26,7 +25,6 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import __version__
 from .augment import Augment
 from .backbones import POOLS, BackboneSpec, resolve
 from .base import ModelBase, Predictions
@@ -360,10 +358,7 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
     # ------------------------------------------------------------------ persistence
     def _manifest(self) -> dict:
         return {
-            "kind": self.kind,
-            "stackvision_version": __version__,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "classes": list(self.classes_),
+            **self._manifest_head(),
             "backbone": {**self.spec_.to_dict(), "pool": self.pool},
             "preprocess": self.preprocess_.to_dict(),
             "input": {

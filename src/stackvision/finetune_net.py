@@ -11,6 +11,7 @@ Torch is imported inside the functions: importing this module is cheap.
 
 from __future__ import annotations
 
+from .backbones import frozen
 from .errors import StackvisionError
 from .preprocess import Preprocess
 
@@ -64,10 +65,7 @@ def load_net(architecture: str, pool: str, n_classes: int, dropout: float, tenso
             f"the weights in {path} do not fit {architecture}: {str(exc)[:200]}",
             "the model directory is damaged or from another stackvision; train it again",
         ) from None
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+    return frozen(net)
 
 
 def logits_to_proba(logits, n_classes: int):

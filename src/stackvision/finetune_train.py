@@ -184,6 +184,7 @@ class FineTuneTraining:
             "param_groups": osd["param_groups"],
         }
         os.makedirs(self.work_dir, exist_ok=True)
+        # A fixed temporary name: the CLI's check of the work folder knows it (cli.WORK_FILES).
         path = os.path.join(self.work_dir, CHECKPOINT)
         save_file(tensors, path + ".tmp", metadata={"state": json.dumps(meta)})
         os.replace(path + ".tmp", path)
