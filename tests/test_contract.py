@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -126,6 +127,30 @@ def test_onnx_in_onnxruntime_alone_matches_forward_uint8(kind, built, heldout, t
     assert want.shape == (3, 3)
     np.testing.assert_allclose(want.sum(axis=1), 1, atol=1e-5)
     np.testing.assert_allclose(proba, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["stack-logreg", "finetune"])
+def test_bgr_backbone_onnx_matches_forward_uint8(which, built, heldout, cache_dir, tmp_path):
+    """No real backbone takes BGR pixels, so lite0 is told it does (with per-channel statistics:
+    lite0's own are the same for every channel): the graph takes RGB, reverses it and normalises
+    with the statistics in BGR order, exactly as forward_uint8 does."""
+    stats = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "channel_order": "BGR"}
+    model = copy.copy(built[which][0])
+    batch = prepare_images(heldout[0][:3], model)
+    rgb = model.forward_uint8(batch)
+    if which == "finetune":
+        model.preprocess_ = replace(model.preprocess_, **stats)
+        model._setup_runtime()
+    else:
+        model.specs_ = [replace(s, preprocess=replace(s.preprocess, **stats)) for s in model.specs_]
+        model.runtime = Runtime(cache_dir=cache_dir, device="cpu", engine="torch")
+        model.__dict__.pop("_engines", None)  # the copy's own engines
+    assert model.input_preprocess().channel_order == "RGB"
+    export_model(model, str(tmp_path / "bgr.onnx"))  # checks the graph against the torch module
+    proba, _ = run_onnx_alone(tmp_path / "bgr.onnx", batch, tmp_path)
+    want = model.forward_uint8(batch)
+    np.testing.assert_allclose(proba, want, atol=1e-4, rtol=0)
+    assert np.abs(want - rgb).max() > 1e-3  # the channel order did change the prediction
 
 
 def test_usable_as_an_ensemble_member(kind, built, heldout):

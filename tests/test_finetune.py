@@ -186,3 +186,49 @@ def test_bad_options_are_user_errors(flowers_small, tmp_path, capsys):
     assert main(["finetune", str(flowers_small), "--out", out, "--backbone", "nope", "-q"]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 2 and "Traceback" not in err
+
+
+@pytest.fixture()
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: faster on a shared machine, and the same numbers
+    yield
+    torch.set_num_threads(before)
+
+
+def test_phases_stop_cut_lr_and_resume_inside_phase_two(flowers_small, tmp_path, one_torch_thread):
+    """Regression for the switch to the shared TrainingLoop (histories, weights and predictions
+    were bit-identical before/after): each phase stops early and cuts its LR on its own, the best
+    weights span both; a run killed inside phase 2 resumes to the same weights."""
+    listing = from_folder(str(flowers_small))
+    kw = {**SETTINGS, "head_epochs": 6, "epochs": 5, "lr": 0.02, "patience": 1, "lr_patience": 0,
+          "augment": None}  # fmt: skip
+
+    def fit(work_dir=None, hook=None):
+        m = FineTunedClassifier("lite0", work_dir=work_dir, runtime=CPU, **kw)
+        return m.fit(listing.paths, listing.labels, on_epoch_end=hook)
+
+    full = fit()
+    assert [r["phase"] for r in full.history_] == ["head"] * 4 + ["finetune"] * 4
+    lrs = [0.02, 0.02, 0.02, 0.006, 0.002, 0.002, 0.002, 0.0006]
+    assert [r["lr"] for r in full.history_] == pytest.approx(lrs)
+    assert full.best_epoch_ == 6 and full.stopped_early_
+
+    def kill(record):
+        if record["epoch"] == 6:
+            raise KeyboardInterrupt
+
+    work = str(tmp_path / "work")
+    with pytest.raises(KeyboardInterrupt):
+        fit(work, kill)
+    again = fit(work)
+    assert again.resumed_from_epoch_ == 6
+
+    def strip(h):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+
+    assert strip(again.history_) == strip(full.history_)
+    for (k, a), b in zip(full.net_.state_dict().items(), again.net_.state_dict().values()):
+        assert torch.equal(a, b), k
+    # on_epoch_end returning True ends training: the fine-tuning phase does not start
+    assert [r["epoch"] for r in fit(hook=lambda r: True).history_] == [1]

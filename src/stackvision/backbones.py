@@ -269,6 +269,11 @@ def build_model(spec: BackboneSpec, pool: str = "avg"):
             f"could not load weights for backbone '{spec.name}' ({spec.architecture}): {exc}",
             "check that the checkpoint was saved from this architecture",
         ) from None
+    return frozen(model)
+
+
+def frozen(model):
+    """``model`` in eval mode with every parameter frozen (inference only)."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

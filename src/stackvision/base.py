@@ -226,6 +226,19 @@ class ModelBase(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
     def save(self, path: str, *, report: bool = True) -> str:
         """Write the model directory at ``path``; returns its absolute path."""
 
+    def _manifest_head(self) -> dict:
+        """The entries every kind's manifest starts with: kind, version, creation time, classes."""
+        import datetime as dt
+
+        from . import __version__
+
+        return {
+            "kind": self.kind,
+            "stackvision_version": __version__,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "classes": list(self.classes_),
+        }
+
     def _write_dir(
         self, path, manifest, tensors, *, histories, title, report, files=None, extra=None
     ):

@@ -6,14 +6,12 @@ folds, TTA, calibration) -> :mod:`model_dir` (save / load). The CLI only calls t
 
 from __future__ import annotations
 
-import datetime as _dt
 import numbers
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
-from . import __version__
 from .backbones import DEFAULT_STACK, POOLS, BackboneSpec, resolve
 from .base import ModelBase, Predictions, largest_input
 from .cache import FeatureCache
@@ -270,7 +268,7 @@ class StackedClassifier(ModelBase):
                 )
             pp = spec.preprocess
             x = resize_uint8(batch, pp.input_size, pp.interpolation)
-            if pp.channel_order == "BGR":
+            if pp.channel_order == "BGR":  # engines take the backbone's order (Normalize(pp))
                 x = x[..., ::-1]
             eng, bs = engines[key], rt.batch_size
             feats = []
@@ -321,10 +319,7 @@ class StackedClassifier(ModelBase):
     def _manifest(self) -> dict:
         counts = Counter(self.classes_[i] for i in self.train_y_)
         return {
-            "kind": self.kind,
-            "stackvision_version": __version__,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "classes": list(self.classes_),
+            **self._manifest_head(),
             "backbones": [
                 {
                     **s.to_dict(),

@@ -23,7 +23,6 @@ The ensemble's model directory is self-contained: each member's directory is cop
 
 from __future__ import annotations
 
-import datetime as _dt
 import numbers
 import os
 import shutil
@@ -336,10 +335,7 @@ class EnsembleClassifier(ModelBase):
     # ------------------------------------------------------------------ persistence
     def _manifest(self, member_entries: list[dict]) -> dict:
         return {
-            "kind": self.kind,
-            "stackvision_version": __version__,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "classes": list(self.classes_),
+            **self._manifest_head(),
             "method": self.method_,
             "methods_fitted": ["mean", *[k for k in self.fitted_ if k != "mean"]],
             "members": member_entries,

@@ -72,22 +72,9 @@ def prepare_image(image, model_or_pp) -> np.ndarray:
     ``input_preprocess()``) or a :class:`Preprocess`. Raises :class:`ImageDecodeError` for an
     unreadable image.
     """
-    from PIL import Image
+    from .decoding import decode_crop
 
-    from .images import decode, load_rgb
-
-    pp = _preprocess_of(model_or_pp)
-    if pp.channel_order != "RGB":
-        from dataclasses import replace
-
-        pp = replace(pp, channel_order="RGB")
-    if isinstance(image, Image.Image):
-        img = image if image.mode == "RGB" else image.convert("RGB")
-    elif isinstance(image, bytes | bytearray | memoryview):
-        img = decode(bytes(image), min_side=pp.resize_size)
-    else:
-        img = load_rgb(os.fspath(image), min_side=pp.resize_size)
-    return pp.to_uint8(img)
+    return decode_crop(image, _preprocess_of(model_or_pp), channel_order="RGB")
 
 
 def prepare_images(images, model_or_pp) -> np.ndarray:
@@ -196,25 +183,23 @@ def _torch_module_class():
         """uint8 RGB (N, S, S, 3) -> calibrated probabilities (N, C) of a feature stack."""
 
         def __init__(self, backbones, head_states, n_views, temperature, input_size):
+            from .preprocess import Normalize
+
             super().__init__()
             self.input_size = int(input_size)
             self.n_views = int(n_views)
             self.temperature = float(temperature)
             self.backbones = nn.ModuleList([m for _, m in backbones])
-            self._bb = []
+            # RGB input: a BGR backbone gets its pixels reversed and its own statistics
+            self.normalize = nn.ModuleList([Normalize(s.preprocess, "RGB") for s, _ in backbones])
+            self._resize = []
             for k, (spec, _) in enumerate(backbones):
                 pp = spec.preprocess
-                self.register_buffer(
-                    f"mean{k}", torch.tensor(pp.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-                )
-                self.register_buffer(
-                    f"std{k}", torch.tensor(pp.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-                )
                 resize = pp.input_size != self.input_size
                 if resize:
                     m = resize_matrix(self.input_size, pp.input_size, pp.interpolation)
                     self.register_buffer(f"resize{k}", torch.from_numpy(m.copy()))
-                self._bb.append((resize, pp.channel_order == "BGR"))
+                self._resize.append(resize)
             self._heads = []
             for h, st in enumerate(head_states):
                 if "weight" in st:
@@ -237,16 +222,12 @@ def _torch_module_class():
                 x = torch.cat([x, x.flip(3)], 0)
             feats = []
             for k, model in enumerate(self.backbones):
-                resize, bgr = self._bb[k]
                 xi = x
-                if resize:
+                if self._resize[k]:
                     m = self.get_buffer(f"resize{k}")
                     xi = torch.matmul(torch.matmul(m, xi.to(torch.float64)), m.t())
                     xi = torch.clamp(torch.round(xi), 0, 255).to(torch.float32)
-                if bgr:
-                    xi = xi.flip(1)
-                xi = (xi - self.get_buffer(f"mean{k}")) / self.get_buffer(f"std{k}")
-                feats.append(model(xi))
+                feats.append(model(self.normalize[k].standardize(xi)))
             f = torch.cat(feats, 1)
             probs = None
             for h, n_layers in enumerate(self._heads):

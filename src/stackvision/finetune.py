@@ -17,7 +17,6 @@ temperature fitted on the validation predictions, like the feature-stack models.
 
 from __future__ import annotations
 
-import datetime as _dt
 import numbers
 import os
 import time
@@ -26,22 +25,19 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import __version__
 from .augment import Augment
 from .backbones import POOLS, BackboneSpec, resolve
 from .base import ModelBase, Predictions
 from .data import check_trainable
-from .decoding import default_kind, default_workers
+from .decoding import decode_crops, default_kind, default_workers
 from .errors import StackvisionError
 from .finetune_net import (
     backbone_blocks,
     build_net,
     exact_fp32,
     export_module,
-    load_images,
     load_net,
     logits_to_proba,
-    normalisation,
     torch_module,
 )
 from .finetune_train import CHECKPOINT, FineTuneTraining
@@ -52,7 +48,7 @@ from .preprocess import Preprocess
 from .runtime import Runtime
 from .validation import TTA_MODES, apply_temperature, fit_temperature
 
-__all__ = ["CHECKPOINT", "FineTunedClassifier", "backbone_blocks", "load_images"]
+__all__ = ["CHECKPOINT", "FineTunedClassifier", "backbone_blocks"]
 
 _COUNT = Interval(numbers.Integral, 0, None)
 _RATE = Interval(numbers.Real, 0, None, "neither")
@@ -188,23 +184,30 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
         return default_kind(str(self._device()), self._workers(), n_images)
 
     def _load(self, paths: list[str]):
-        rt = self._runtime()
-        pp = self.preprocess_
-        return load_images(paths, pp, self._workers(), rt.strict, self._decoder(len(paths)))
+        return decode_crops(
+            paths,
+            self.preprocess_,
+            workers=self._workers(),
+            kind=self._decoder(len(paths)),
+            strict=self._runtime().strict,
+        )
 
-    def _to_input(self, imgs: np.ndarray):
-        """uint8 NHWC (``preprocess_`` channel order) -> normalised float NCHW (channels-last
-        memory) on the model's device."""
+    def _to_input(self, imgs: np.ndarray, order: str | None = None):
+        """uint8 NHWC (``order``: None for ``preprocess_``'s channel order, or "RGB") ->
+        normalised float NCHW (channels-last memory) on the model's device."""
         torch = torch_module()
         x = torch.from_numpy(np.ascontiguousarray(imgs)).to(self.device_)
-        x = (x.permute(0, 3, 1, 2).float() - self._mean) / self._std
+        x = self._normalize[order](x)
         return x.contiguous(memory_format=torch.channels_last)
 
     def _setup_runtime(self) -> None:
+        from .preprocess import Normalize
+
         torch = torch_module()
         self.device_ = self._device()
-        mean, std = normalisation(self.preprocess_)
-        self._mean, self._std = mean.to(self.device_), std.to(self.device_)
+        self._normalize = {
+            o: Normalize(self.preprocess_, o).to(self.device_) for o in (None, "RGB")
+        }
         self.net_ = self.net_.to(self.device_, memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------ fit
@@ -258,9 +261,11 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
         return self
 
     # ------------------------------------------------------------------ predict
-    def _proba_images(self, imgs: np.ndarray, temperature: float | None = None) -> np.ndarray:
-        """Flip-TTA probabilities of a uint8 NHWC batch in ``preprocess_`` channel order
-        (temperature applied unless 1.0)."""
+    def _proba_images(
+        self, imgs: np.ndarray, temperature: float | None = None, order: str | None = None
+    ) -> np.ndarray:
+        """Flip-TTA probabilities of a uint8 NHWC batch in channel ``order`` (see
+        :meth:`_to_input`; temperature applied unless 1.0)."""
         torch = torch_module()
         n_classes = len(self.classes_)
         net = self.net_
@@ -270,7 +275,7 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
         # Training may use TF32; predictions do not, so they match the CPU and the ONNX export.
         with torch.inference_mode(), exact_fp32(self.device_):
             for i in range(0, len(imgs), bs):
-                x = self._to_input(imgs[i : i + bs])
+                x = self._to_input(imgs[i : i + bs], order)
                 p = logits_to_proba(net(x), n_classes)
                 if self.tta == "flip":
                     p = (p + logits_to_proba(net(torch.flip(x, dims=[3])), n_classes)) / 2
@@ -318,9 +323,7 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
 
         self.check_is_fitted()
         batch = check_uint8_batch(batch, self.preprocess_.input_size)
-        if self.preprocess_.channel_order == "BGR":
-            batch = batch[..., ::-1]
-        return self._proba_images(batch)
+        return self._proba_images(batch, order="RGB")
 
     def to_torch_module(self):
         """:meth:`forward_uint8` as one ``torch.nn.Module`` on the CPU, in eval mode:
@@ -355,10 +358,7 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
     # ------------------------------------------------------------------ persistence
     def _manifest(self) -> dict:
         return {
-            "kind": self.kind,
-            "stackvision_version": __version__,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "classes": list(self.classes_),
+            **self._manifest_head(),
             "backbone": {**self.spec_.to_dict(), "pool": self.pool},
             "preprocess": self.preprocess_.to_dict(),
             "input": {

@@ -1,6 +1,5 @@
 """The fine-tuned network: images in, backbone + dense head, probabilities out.
 
-* :func:`load_images`: decode paths into the uint8 batch the network reads;
 * :func:`build_net`: timm backbone (global pooling, no classifier) -> dropout -> dense layer;
   :func:`logits_to_proba` (softmax, or a sigmoid on one output for two classes), :func:`loss`;
 * :func:`backbone_blocks`: a backbone's blocks from input to output (what ``unfreeze`` counts);
@@ -12,51 +11,9 @@ Torch is imported inside the functions: importing this module is cheap.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
-
-from .data import Problem
-from .decoding import DecodePool, default_workers
+from .backbones import frozen
 from .errors import StackvisionError
-from .images import ImageDecodeError
 from .preprocess import Preprocess
-
-
-# ---------------------------------------------------------------------- images
-def load_images(
-    paths: Sequence[str],
-    pp: Preprocess,
-    workers: int | None = None,
-    strict: bool = False,
-    decoder: str = "threads",
-) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
-    """Decode ``paths`` into a uint8 (N, S, S, 3) array at the input size of ``pp`` (in its
-    channel order).
-
-    Returns (images, index of each kept path in ``paths``, problems of the left-out ones).
-    ``decoder``: ``threads`` or ``processes`` (see :mod:`stackvision.decoding`).
-    """
-    s = pp.input_size
-    out = np.empty((len(paths), s, s, 3), np.uint8)
-    keep, problems = [], []
-    step = 64
-    batches = [[(p, [("x", pp)]) for p in paths[i : i + step]] for i in range(0, len(paths), step)]
-    with DecodePool(workers or default_workers(), decoder) as decoding:
-        for b, results in enumerate(decoding.run(batches)):
-            for j, res in enumerate(results):
-                i = b * step + j
-                if isinstance(res, ImageDecodeError):
-                    if strict:
-                        raise StackvisionError(
-                            f"bad image {paths[i]}: {res.reason}",
-                            "remove or replace it, or run without --strict to skip bad images",
-                        )
-                    problems.append(Problem(paths[i], res.reason))
-                    continue
-                out[len(keep)] = res["x"]
-                keep.append(i)
-    return out[: len(keep)], np.asarray(keep, np.int64), problems
 
 
 # ---------------------------------------------------------------------- network pieces
@@ -70,16 +27,6 @@ def exact_fp32(device):
     from .engines.torch_engine import exact_fp32  # imports torch: only once a model exists
 
     return exact_fp32(device)
-
-
-def normalisation(pp: Preprocess):
-    """(mean, std) as (1, 3, 1, 1) tensors on the 0..255 scale, in ``pp``'s channel order."""
-    torch = torch_module()
-    mean = torch.tensor(pp.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(pp.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    if pp.channel_order == "BGR":
-        mean, std = mean.flip(1), std.flip(1)
-    return mean, std
 
 
 def build_net(backbone, n_classes: int, dropout: float):
@@ -118,10 +65,7 @@ def load_net(architecture: str, pool: str, n_classes: int, dropout: float, tenso
             f"the weights in {path} do not fit {architecture}: {str(exc)[:200]}",
             "the model directory is damaged or from another stackvision; train it again",
         ) from None
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+    return frozen(net)
 
 
 def logits_to_proba(logits, n_classes: int):
@@ -192,23 +136,18 @@ def export_module(net, pp: Preprocess, n_classes: int, tta: str, temperature: fl
     import torch
     import torch.nn as nn
 
-    mean, std = normalisation(pp)
+    from .preprocess import Normalize
 
     class FineTunedModule(nn.Module):
         def __init__(self):
             super().__init__()
             self.net = net
-            self.register_buffer("mean", mean)
-            self.register_buffer("std", std)
-            self.bgr = pp.channel_order == "BGR"
+            self.normalize = Normalize(pp, "RGB")
             self.flip = tta == "flip"
             self.temperature = float(temperature)
 
         def forward(self, x):
-            x = x.permute(0, 3, 1, 2).float()
-            if self.bgr:
-                x = x.flip(1)
-            x = (x - self.mean) / self.std
+            x = self.normalize(x)
             p = logits_to_proba(self.net(x), n_classes)
             if self.flip:
                 p = (p + logits_to_proba(self.net(torch.flip(x, dims=[3])), n_classes)) / 2
