@@ -82,6 +82,13 @@ def add_numbers(p: argparse.ArgumentParser, rows) -> None:
         p.add_argument(flag, type=kind, default=default, help=text + shown)
 
 
+def add_tta(p: argparse.ArgumentParser, what: str) -> None:
+    # the choices are validation.TTA_MODES (not imported: building the parser stays numpy-free)
+    p.add_argument(
+        "--tta", default="flip", choices=["none", "flip"], help=f"{what} (default: flip)"
+    )
+
+
 def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="model directory (any kind)")
 

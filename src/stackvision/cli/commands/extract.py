@@ -18,12 +18,7 @@ def add_arguments(e) -> None:
     )
     opt.add_labels_csv(e)
     opt.add_backbone_options(e)
-    e.add_argument(
-        "--tta",
-        default="flip",
-        choices=["none", "flip"],
-        help="also cache horizontally flipped views (default: flip)",
-    )
+    opt.add_tta(e, "also cache horizontally flipped views")
     e.add_argument(
         "--export-shards",
         metavar="DIR",

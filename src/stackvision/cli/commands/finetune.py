@@ -84,12 +84,7 @@ def add_arguments(f) -> None:
         "overrides e.g. standard,rotation=25 (default: none)",
     )
     f.add_argument("--val", metavar="DATA", help="separate labelled validation folder")
-    f.add_argument(
-        "--tta",
-        default="flip",
-        choices=["none", "flip"],
-        help="average original and flipped image at prediction (default: flip)",
-    )
+    opt.add_tta(f, "average original and flipped image at prediction")
     f.add_argument("--pool", default="avg", choices=["avg", "max", "avgmax"], help="global pooling")
     opt.add_weights(f, "local checkpoint for the backbone")
     f.add_argument("--seed", type=int, default=0, help="seed (default: 0)")

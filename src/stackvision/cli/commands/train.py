@@ -51,12 +51,7 @@ def add_arguments(t) -> None:
     t.add_argument(
         "--val-split", type=float, help="hold out this fraction for validation (with --folds 0)"
     )
-    t.add_argument(
-        "--tta",
-        default="flip",
-        choices=["none", "flip"],
-        help="train on original+flipped features and average both at prediction (default: flip)",
-    )
+    opt.add_tta(t, "train on original+flipped features and average both at prediction")
     t.add_argument(
         "--class-weight", choices=["balanced"], help="weight classes inversely to their frequency"
     )
