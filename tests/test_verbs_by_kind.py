@@ -114,3 +114,33 @@ def test_serve_answers_like_forward_uint8(kind_dir, heldout, tmp_path):
     for pred, row in zip(got, want):
         assert pred["top"][0]["class"] == FLOWER_CLASSES[int(np.argmax(row))]
         assert pred["top"][0]["probability"] == pytest.approx(row.max(), abs=1e-4)
+
+
+LIGHT = (
+    "import sys; from stackvision.cli import main; code = main(sys.argv[1:]); "
+    "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'torchvision', "
+    "'sklearn'}); print('HEAVY', heavy, file=sys.stderr); sys.exit(code)"
+)
+
+
+def test_a_warm_predict_imports_no_torch_timm_or_sklearn(stack_dir, heldout, cache_dir, tmp_path):
+    """With the engine compiled and the features cached, predicting one image needs neither the
+    network nor scikit-learn: those imports alone cost seconds a process (issue 14)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from .serving_helpers import child_env
+
+    image = images_of(heldout)[0]
+    fresh = tmp_path / "fresh.jpg"  # bytes no cache has seen: features computed, engine warm
+    Image.open(image).convert("RGB").rotate(3).save(fresh)
+    run = ["predict", str(stack_dir), "--cache", cache_dir, "--device", "cpu", "-q"]
+    assert main([*run, image]) == 0  # fills the engine folder and this image's features
+    for path in (image, str(fresh)):
+        p = subprocess.run([sys.executable, "-c", LIGHT, *run, path], capture_output=True,
+                           text=True, env=child_env(), timeout=120)  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        assert "HEAVY []" in p.stderr, p.stderr
+        assert p.stdout.splitlines()[1].split(",")[1] in FLOWER_CLASSES

@@ -61,6 +61,27 @@ class BackboneSpec:
         }
 
 
+def saved_spec(record: dict, weights: dict[str, str] | None = None) -> BackboneSpec:
+    """The spec a saved model recorded (its ``to_dict()`` plus ``pool``), rebuilt without timm.
+
+    Loading a model needs no registry lookup: architecture, preprocessing and feature size are in
+    the manifest, so a prediction that finds its engines and features cached never imports timm
+    or torch. The weights file is the user's (``weights``), the embedded package's, or none (hub).
+    """
+    name = record["name"]
+    path = (weights or {}).get(name) or record.get("weights_path")
+    if path is None and record.get("source") == "embedded":
+        path = _embedded_path(name)
+    return BackboneSpec(
+        name=name,
+        architecture=record["architecture"],
+        source=record["source"],
+        preprocess=Preprocess.from_dict(record["preprocess"]),
+        feature_dim=int(record["feature_dim"]),
+        weights_path=path,
+    )
+
+
 # Embedded weights: registry name -> (timm architecture, package module, getter class).
 _EMBEDDED = {
     "lite0": (

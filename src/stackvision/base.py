@@ -30,13 +30,12 @@ import abc
 import functools
 import inspect
 import os
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.exceptions import NotFittedError
 
 from .data import Problem
 from .errors import StackvisionError
@@ -44,6 +43,13 @@ from .params import check_known, validate_params
 from .preprocess import Preprocess
 from .runtime import FIELDS as RUNTIME_FIELDS
 from .runtime import Runtime
+
+
+def _equal(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - arrays and odd types: not equal for printing's sake
+        return False
 
 
 @dataclass
@@ -71,16 +77,37 @@ def largest_input(pps: Sequence[Preprocess]) -> Preprocess:
     return replace(max(pps, key=lambda p: p.input_size), channel_order="RGB")
 
 
-class NotFitted(StackvisionError, NotFittedError):
-    """A model used before ``fit`` or ``load`` (scikit-learn's ``NotFittedError`` too)."""
+@functools.cache
+def _not_fitted_class() -> type:
+    # scikit-learn's NotFittedError too, so its tools recognise it; made on first use because
+    # importing scikit-learn costs ~0.9 s, paid only on this error path (or inside sklearn).
+    from sklearn.exceptions import NotFittedError
+
+    class NotFitted(StackvisionError, NotFittedError):
+        """A model used before ``fit`` or ``load`` (scikit-learn's ``NotFittedError`` too)."""
+
+    NotFitted.__module__ = __name__
+    return NotFitted
+
+
+def __getattr__(name: str):
+    if name == "NotFitted":
+        return _not_fitted_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _runtime_hint(name: str) -> str:
     return f"'{name}' is a runtime option: pass runtime=Runtime({name}=...)"
 
 
-class ModelBase(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
-    """Base of every model kind (see the module doc)."""
+class ModelBase(metaclass=abc.ABCMeta):
+    """Base of every model kind (see the module doc).
+
+    Follows scikit-learn's ``BaseEstimator`` + ``ClassifierMixin`` exactly (``get_params``,
+    ``set_params``, ``score``, tags) without inheriting them: importing scikit-learn costs ~0.9 s,
+    which every ``predict`` of one image would pay. scikit-learn's ``clone``, ``GridSearchCV`` and
+    ``cross_val_score`` need nothing else (they go through ``get_params``).
+    """
 
     kind: ClassVar[str]
     # name -> list of accepted values (params.Interval / Options / a type / None), checked by fit
@@ -108,12 +135,52 @@ class ModelBase(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
         cls.__init__ = __init__
 
     # ------------------------------------------------------------------ parameters
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        """The constructor's parameter names, sorted (as scikit-learn's)."""
+        sig = inspect.signature(cls.__init__)  # follows the wrapper to the real __init__
+        return sorted(
+            p.name for p in sig.parameters.values() if p.name != "self" and p.kind != p.VAR_KEYWORD
+        )
+
+    def get_params(self, deep: bool = True) -> dict:
+        """Parameters by name; with ``deep``, those of parameters that are models too
+        (``name__param``, e.g. an ensemble's member objects), as scikit-learn's ``get_params``."""
+        out = {}
+        for key in self._get_param_names():
+            value = vars(self)[key]  # the constructor stored it under its own name
+            if deep and isinstance(value, ModelBase):
+                out.update((f"{key}__{k}", v) for k, v in value.get_params().items())
+            out[key] = value
+        return out
+
     def set_params(self, **params):
         """Set parameters (scikit-learn's ``set_params``; unknown names raise with a suggestion).
         Values are checked by the next ``fit``."""
+        if not params:
+            return self
         check_known({k.split("__")[0] for k in params}, self.get_params(deep=False),
                     type(self).__name__)  # fmt: skip
-        return super().set_params(**params)
+        nested: dict[str, dict] = defaultdict(dict)
+        for key, value in params.items():
+            key, delim, sub = key.partition("__")
+            if delim:
+                nested[key][sub] = value
+            else:
+                setattr(self, key, value)
+        for key, sub_params in nested.items():
+            vars(self)[key].set_params(**sub_params)
+        return self
+
+    def __repr__(self) -> str:  # only what differs from the defaults, as scikit-learn prints
+        sig = inspect.signature(type(self).__init__).parameters
+        changed = []
+        for k, v in self.get_params(deep=False).items():
+            default = sig[k].default
+            same = v is default or (type(v) is type(default) and _equal(v, default))
+            if not same:
+                changed.append(f"{k}={v!r}")
+        return f"{type(self).__name__}({', '.join(changed)})"
 
     def _validate_params(self) -> None:
         """Check every parameter against ``_parameter_constraints``, then :meth:`_check_params`
@@ -126,7 +193,7 @@ class ModelBase(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
         )
         self._check_params()
 
-    def _check_params(self) -> None:
+    def _check_params(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Constraints a per-parameter table cannot say (override where needed)."""
 
     def _runtime(self) -> Runtime:
@@ -161,14 +228,21 @@ class ModelBase(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
         """Raise :class:`NotFitted` unless the model was fitted or loaded."""
         if not self.__sklearn_is_fitted__():
             name = type(self).__name__
-            raise NotFitted(f"this {name} is not fitted yet", f"call fit() or {name}.load()")
+            raise _not_fitted_class()(
+                f"this {name} is not fitted yet", f"call fit() or {name}.load()"
+            )
 
     def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False  # X is a list of image paths
-        tags.input_tags.string = True
-        tags.non_deterministic = False
-        return tags
+        # called by scikit-learn only, so it is imported already
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type="classifier",
+            target_tags=TargetTags(required=True),
+            classifier_tags=ClassifierTags(),
+            input_tags=InputTags(two_d_array=False, string=True),  # X: a list of image paths
+            non_deterministic=False,
+        )
 
     # ------------------------------------------------------------------ predictions from paths
     def predict_proba(self, X: Sequence[str]) -> np.ndarray:

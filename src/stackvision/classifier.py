@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .backbones import DEFAULT_STACK, POOLS, BackboneSpec, resolve
+from .backbones import DEFAULT_STACK, POOLS, BackboneSpec, resolve, saved_spec
 from .base import ModelBase, Predictions, largest_input
 from .cache import FeatureCache
 from .data import check_trainable
@@ -395,7 +395,7 @@ class StackedClassifier(ModelBase):
             seed=manifest.get("seed", 0),
             runtime=runtime,
         )
-        model.specs_ = model._specs()
+        model.specs_ = [saved_spec(b, weights) for b in bb]
         for spec, saved in zip(model.specs_, bb):
             if spec.weights_id != saved["weights_id"] or spec.architecture != saved["architecture"]:
                 raise StackvisionError(

@@ -16,6 +16,8 @@ user's images, id ``int8-<method>-<calibration set>``).
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from typing import Protocol
 
 import numpy as np
@@ -54,11 +56,26 @@ class Engine(Protocol):
         ...
 
 
+def _no_gpu_driver() -> bool:
+    """True when no NVIDIA or AMD GPU driver is loaded, so torch could not see a GPU either;
+    answering that without importing torch saves ~1.3 s on every CPU-only command."""
+    return not any(
+        os.path.exists(p)
+        for p in ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")
+    )
+
+
 def resolve_device(device: str = "auto") -> str:
+    if device in (None, "", "auto"):
+        if sys.platform == "linux" and _no_gpu_driver():
+            return "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
     import torch
 
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise StackvisionError(
             f"device '{device}' requested but torch sees no CUDA GPU", "use --device cpu or auto"
