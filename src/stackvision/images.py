@@ -139,11 +139,14 @@ def check_shape(size: tuple[int, int], path: str) -> None:
         )
 
 
-def _too_many_pixels(path: str, w: int, h: int, drafted: bool) -> ImageDecodeError:
-    how = " even at the smallest JPEG draft scale" if drafted else ""
+def _too_many_pixels(path: str, full, size, min_side: int | None) -> ImageDecodeError:
+    w, h = size
+    what = f"{full[0]}x{full[1]}"
+    if min_side:
+        what += f", {w}x{h} at the JPEG scale a {min_side} px resize needs,"
     return ImageDecodeError(
         path,
-        f"too many pixels: {w}x{h} = {w * h}{how}, over the limit of {MAX_PIXELS}",
+        f"too many pixels: {what} = {w * h}, over the limit of {MAX_PIXELS}",
         too_large=True,
     )
 
@@ -196,7 +199,7 @@ def decode(data: bytes, path: str = "<bytes>", min_side: int | None = None) -> I
                 img.draft("RGB", (min_side, min_side))
             w, h = img.size
             if w * h > MAX_PIXELS:
-                raise _too_many_pixels(path, *full, drafted=img.size != full)
+                raise _too_many_pixels(path, full, img.size, min_side)
         img.load()
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img)

@@ -122,8 +122,10 @@ def redact(text: str, key: str | None = None) -> str:
     replaced by ``[redacted]``."""
     text = _QUERY_KEY.sub(lambda m: m.group(1) + REDACTED, text)
     if key:
-        for form in dict.fromkeys((key, quote(key, safe=""), quote_plus(key))):
-            text = text.replace(form, REDACTED)
+        forms = {key, quote(key), quote(key, safe=""), quote_plus(key), quote_plus(key, safe="/")}
+        for form in sorted(forms, key=len, reverse=True):  # %-escapes in either case
+            pattern = re.sub(r"%[0-9A-F]{2}", lambda m: f"(?i:{m.group(0)})", re.escape(form))
+            text = re.sub(pattern, REDACTED, text)
     return text
 
 
