@@ -47,9 +47,7 @@ def child_env() -> dict:
 class Server:
     """``stackvision serve MODEL`` in a subprocess on a free loopback port."""
 
-    def __init__(
-        self, model: Path, *args: str, log: Path, startup_timeout: float = 240, env=None
-    ):
+    def __init__(self, model: Path, *args: str, log: Path, startup_timeout: float = 240, env=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log

@@ -137,7 +137,9 @@ def test_large_jpeg_is_decoded_in_draft_mode_instead_of_refused(small_pixel_limi
     assert exc.value.too_large and "too many pixels: 2000x1500" in exc.value.reason
     with pytest.raises(ImageDecodeError) as exc:
         decode(data, min_side=1400)  # even the largest useful draft scale is over it
-    assert exc.value.too_large and "2000x1500, 2000x1500 at the JPEG scale a 1400 px" in str(exc.value)
+    assert exc.value.too_large and "2000x1500, 2000x1500 at the JPEG scale a 1400 px" in str(
+        exc.value
+    )
     with pytest.raises(ImageDecodeError) as exc:
         decode(png_bytes(2000, 1500), min_side=256)  # no draft mode outside JPEG
     assert exc.value.too_large and "too many pixels" in exc.value.reason

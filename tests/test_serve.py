@@ -230,7 +230,7 @@ def test_the_key_never_reaches_the_log_or_the_process_list(model_dir, tmp_path):
     srv = Server(model_dir, "--api-key-file", str(key_file), "--log-level", "info",
                  log=tmp_path / "server.log")  # fmt: skip
     try:
-        cmdline = open(f"/proc/{srv.proc.pid}/cmdline", "rb").read()
+        cmdline = Path(f"/proc/{srv.proc.pid}/cmdline").read_bytes()
         assert key.encode() not in cmdline
         assert httpx.get(srv.url + "/model", params={"api_key": key}).status_code == 200
         assert httpx.get(srv.url + "/model", params={"API_KEY": "guess-1"}).status_code == 401

@@ -102,9 +102,8 @@ def test_page_uploads_an_image_and_shows_the_api_top_class(server, browser, woof
 
 def test_page_without_key_asks_for_one(server, browser):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(server.url + "/")  # the page is open; the API behind it is not
     wait = WebDriverWait(browser, 60)
