@@ -478,6 +478,7 @@ class StackedClassifier(PredictMixin):
                 f"{path} holds a '{manifest.get('kind')}' model, not a feature stack",
                 "use stackvision.load_model()",
             )
+        tensors = read_tensors(path, manifest)  # validated before the slow backbone set-up
         bb = manifest["backbones"]
         weights = dict(weights or {})
         for b in bb:
@@ -504,7 +505,6 @@ class StackedClassifier(PredictMixin):
                     f"({spec.weights_id[:19]} here, {saved['weights_id'][:19]} in {path})",
                     f"install the same weights, or pass the original file with --weights {saved['name']}=PATH",
                 )
-        tensors = read_tensors(path, manifest)
         model.heads_ = []
         for k in range(manifest["n_heads"]):
             prefix = f"head{k}."

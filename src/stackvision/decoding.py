@@ -28,8 +28,10 @@ from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 
 import numpy as np
+from PIL import Image
 
 from .images import ImageDecodeError, decode, read_bytes
 from .preprocess import Preprocess
@@ -40,13 +42,36 @@ Result = dict[str, np.ndarray] | ImageDecodeError
 KINDS = ("threads", "processes")
 
 
+def open_rgb(image, min_side: int | None = None) -> Image.Image:
+    """An RGB PIL image from a file path, encoded bytes or a PIL image (see
+    :func:`stackvision.images.decode`; ``min_side`` allows JPEG draft decoding). Raises
+    :class:`ImageDecodeError` for an unusable file."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, bytes | bytearray | memoryview):
+        return decode(bytes(image), min_side=min_side)
+    path = os.fspath(image)
+    return decode(read_bytes(path), path, min_side)
+
+
+def decode_crop(image, pp: Preprocess, channel_order: str | None = None) -> np.ndarray:
+    """The one decode-and-crop: a path, bytes or PIL image -> uint8 (S, S, 3) for ``pp``.
+
+    ``channel_order``: None for the backbone's own (what the engines take), ``"RGB"`` for the
+    export and serving contract. Raises :class:`ImageDecodeError` for an unusable image.
+    """
+    if channel_order is not None and channel_order != pp.channel_order:
+        pp = replace(pp, channel_order=channel_order)
+    return pp.to_uint8(open_rgb(image, pp.resize_size))
+
+
 def decode_item(path: str, pps: Sequence[tuple[Hashable, Preprocess]]) -> Result:
     """Decode ``path`` once and crop it for each (key, preprocessing); a bad file gives the error.
 
     Returns ``{key: uint8 (S, S, 3)}``; keys are backbone names here, column indices in Ray tasks.
     """
     try:
-        img = decode(read_bytes(path), path, min_side=max(pp.resize_size for _, pp in pps))
+        img = open_rgb(path, max(pp.resize_size for _, pp in pps))
         return {name: pp.to_uint8(img) for name, pp in pps}
     except ImageDecodeError as exc:
         return exc
@@ -195,3 +220,40 @@ class DecodePool:
                 results = self._collect(futures)
             fill()
             yield results
+
+
+def decode_crops(
+    paths: Sequence[str],
+    pp: Preprocess,
+    workers: int | None = None,
+    kind: str = "threads",
+    strict: bool = False,
+):
+    """Decode ``paths`` into one uint8 (N, S, S, 3) array for ``pp`` (backbone channel order).
+
+    Returns (images, index in ``paths`` of each kept image, ``Problem`` of each left-out one);
+    ``strict``: a bad image is a :class:`StackvisionError` instead. ``kind``: see :data:`KINDS`.
+    """
+    from .data import Problem
+    from .errors import StackvisionError
+
+    s = pp.input_size
+    out = np.empty((len(paths), s, s, 3), np.uint8)
+    keep, problems = [], []
+    step = 64
+    batches = [[(p, [("x", pp)]) for p in paths[i : i + step]] for i in range(0, len(paths), step)]
+    with DecodePool(workers or default_workers(), kind) as decoding:
+        for b, results in enumerate(decoding.run(batches)):
+            for j, res in enumerate(results):
+                i = b * step + j
+                if isinstance(res, ImageDecodeError):
+                    if strict:
+                        raise StackvisionError(
+                            f"bad image {paths[i]}: {res.reason}",
+                            "remove or replace it, or run without --strict to skip bad images",
+                        )
+                    problems.append(Problem(paths[i], res.reason))
+                    continue
+                out[len(keep)] = res["x"]
+                keep.append(i)
+    return out[: len(keep)], np.asarray(keep, np.int64), problems

@@ -484,6 +484,7 @@ class EnsembleClassifier(PredictMixin):
             seed=manifest.get("seed", 0),
             **runtime,
         )
+        tensors = read_tensors(path, manifest)  # validated before loading the members
         model.members_, model.member_dirs_, model.member_names_ = [], [], []
         for e in manifest["members"]:
             d = os.path.join(path, e["dir"])
@@ -499,7 +500,6 @@ class EnsembleClassifier(PredictMixin):
         model._columns = [
             np.asarray([list(m.classes_).index(c) for c in model.classes_]) for m in model.members_
         ]
-        tensors = read_tensors(path, manifest)
         model.fitted_ = {"mean": None}
         if "weighted.w" in tensors:
             model.fitted_["weighted"] = tensors["weighted.w"].astype(np.float64)

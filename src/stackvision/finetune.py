@@ -912,10 +912,11 @@ class FineTunedClassifier(PredictMixin):
     def load(cls, path: str, *, weights=None, **runtime) -> FineTunedClassifier:
         """Load a ``finetune`` model directory. ``runtime``: device, batch_size, workers, strict,
         progress (cache_dir, engine, precision and weights are accepted and not needed)."""
+        manifest = read_manifest(path)
+        tensors = read_tensors(path, manifest)  # validated before the slow imports
         import timm
 
         torch = _torch()
-        manifest = read_manifest(path)
         if manifest.get("kind") != cls.kind:
             raise StackvisionError(
                 f"{path} holds a '{manifest.get('kind', 'stack')}' model, not a fine-tuned one",
@@ -944,7 +945,6 @@ class FineTunedClassifier(PredictMixin):
             bb["architecture"], pretrained=False, num_classes=0, global_pool=bb["pool"]
         )
         net = _build_net(backbone, len(model.classes_), float(manifest["head"]["dropout"]))
-        tensors = read_tensors(path, manifest)
         try:
             net.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
         except RuntimeError as exc:

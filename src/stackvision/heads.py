@@ -8,13 +8,13 @@ the model directory stores (safetensors, no pickle).
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 
 import numpy as np
 
 from .errors import StackvisionError
 from .params import Interval, check_known, validate_params
+from .training import BestWeights, EarlyStopping, ReduceLROnPlateau, TrainingLoop
 
 HEADS = ("logreg", "mlp")
 
@@ -203,12 +203,9 @@ class MLPHead(_Head):
         opt = torch.optim.AdamW(
             net.parameters(), lr=float(p["lr"]), weight_decay=float(p["weight_decay"])
         )
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, factor=float(p["lr_factor"]), patience=int(p["lr_patience"])
-        )
-        best, best_state, bad = math.inf, None, 0
         bs = int(p["batch_size"])
-        for epoch in range(int(p["epochs"])):
+
+        def train_epoch(epoch):
             net.train()
             perm = torch.randperm(len(Xt), generator=g)
             tot, correct = 0.0, 0
@@ -228,31 +225,30 @@ class MLPHead(_Head):
                 opt.step()
                 tot += float(loss_each.detach().sum())
                 correct += int((out.argmax(1) == yt[idx]).sum())
+            return {"loss": tot / len(Xt), "accuracy": correct / len(Xt)}
+
+        def validate(epoch):
             net.eval()
             with torch.no_grad():
                 vout = net(Xv)
-                vloss = float(F.cross_entropy(vout, yv))
-                vacc = float((vout.argmax(1) == yv).float().mean())
-            lr = opt.param_groups[0]["lr"]
-            self.history.append(
-                {
-                    "epoch": epoch + 1,
-                    "loss": tot / len(Xt),
-                    "accuracy": correct / len(Xt),
-                    "val_loss": vloss,
-                    "val_accuracy": vacc,
-                    "lr": lr,
+                return {
+                    "val_loss": float(F.cross_entropy(vout, yv)),
+                    "val_accuracy": float((vout.argmax(1) == yv).float().mean()),
                 }
-            )
-            sched.step(vloss)
-            if vloss < best - 1e-4:
-                best, bad = vloss, 0
-                best_state = copy.deepcopy(net.state_dict())
-            else:
-                bad += 1
-                if bad > int(p["patience"]):
-                    break
-        net.load_state_dict(best_state)
+
+        callbacks = [
+            ReduceLROnPlateau(opt, factor=float(p["lr_factor"]), patience=int(p["lr_patience"])),
+            BestWeights(lambda: copy.deepcopy(net.state_dict()), net.load_state_dict, 1e-4),
+            EarlyStopping(int(p["patience"]), min_delta=1e-4),
+        ]
+        loop = TrainingLoop(
+            train_epoch,
+            validate,
+            callbacks,
+            lr=lambda: opt.param_groups[0]["lr"],
+            history=self.history,
+        )
+        loop.run(int(p["epochs"]))  # ends with the best weights restored
         self._layers = [
             (m.weight.detach().numpy().copy(), m.bias.detach().numpy().copy())
             for m in net

@@ -10,6 +10,9 @@ Layout of ``MODEL/``::
 
 ``format_version`` is bumped whenever a reader of the previous version would misread the directory.
 A reader refuses a newer version with a message to upgrade, and reads every older version it knows.
+Reading validates everything before a kind's ``load`` uses it (:mod:`stackvision.model_schema`):
+``read_manifest`` the manifest's keys and types and the paths it names, ``read_tensors`` the weights'
+names, shapes and values; a damaged directory raises :class:`StackvisionError`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 from .atomic import atomic_dir, write_json
 from .errors import StackvisionError
+from .model_schema import inside, validate_manifest, validate_tensors
 from .outputs import is_ours
 
 __all__ = ["read_manifest", "read_tensors", "write_json", "write_model_dir"]
@@ -72,7 +76,8 @@ def _empty_dir(path: str) -> bool:
 
 
 def read_manifest(path: str) -> dict:
-    """The manifest of the model at ``path``, after checking format and version."""
+    """The manifest of the model at ``path``, after checking format and version, then its keys
+    and the paths it names (see :mod:`stackvision.model_schema`); ensemble members recursively."""
     if not os.path.exists(path):
         raise StackvisionError(
             f"model not found: {path}", "pass a folder written by 'stackvision train'"
@@ -84,33 +89,47 @@ def read_manifest(path: str) -> dict:
             "pass a folder written by 'stackvision train' or 'stackvision finetune'",
         )
     try:
-        with open(mpath) as fh:
+        with open(mpath, encoding="utf-8") as fh:
             manifest = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or bad UTF-8
         raise StackvisionError(
-            f"cannot read {mpath}: {exc}", "the model directory is damaged; train it again"
+            f"cannot read {mpath}: {str(exc)[:160]}",
+            "the model directory is damaged; train or copy it again",
         ) from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StackvisionError(
             f"{mpath} is not a stackvision manifest", "pass a stackvision model directory"
         )
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+    if type(version) is not int or version > FORMAT_VERSION or version < 1:
         raise StackvisionError(
             f"model {path} has format version {version}; this stackvision reads version {FORMAT_VERSION}",
             "upgrade stackvision (pip install -U stackvision)"
             if isinstance(version, int) and version > FORMAT_VERSION
             else "retrain the model with this stackvision",
         )
+    validate_manifest(path, manifest, mpath)
     return manifest
 
 
 def read_tensors(path: str, manifest: dict) -> dict[str, np.ndarray]:
+    """Every array in the model's weights file, checked against ``manifest`` (names, shapes,
+    class count, finite values; see :mod:`stackvision.model_schema`)."""
     from safetensors.numpy import load_file
 
-    wpath = os.path.join(path, manifest.get("weights", WEIGHTS))
+    mpath = os.path.join(path, MANIFEST)
+    wpath = inside(path, manifest.get("weights", WEIGHTS), "weights", mpath)
     if not os.path.isfile(wpath):
         raise StackvisionError(
             f"model weights missing: {wpath}", "the model directory is damaged; train it again"
         )
-    return load_file(wpath)
+    try:
+        tensors = load_file(wpath)
+    except Exception as exc:  # safetensors raises its own error type, or OSError/ValueError
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise StackvisionError(
+            f"cannot read the weights {wpath}: {reason}",
+            "the model directory is damaged (a truncated copy?); train or copy it again",
+        ) from None
+    validate_tensors(path, manifest, tensors, wpath)
+    return tensors

@@ -1,7 +1,8 @@
 """A backbone's input preprocessing, as data.
 
 The same :class:`Preprocess` drives the decode workers (resize + crop to uint8), the engines
-(mean/std normalisation), ONNX export and serving, so every path sees identical pixels.
+(mean/std normalisation: :func:`normalize` and its torch twin :class:`Normalize`), ONNX export and
+serving, so every path sees identical pixels.
 Semantics follow timm's eval transform: resize the short side to ``floor(size / crop_pct)``, then
 centre-crop ``size`` x ``size``.
 """
@@ -90,8 +91,90 @@ class Preprocess:
             arr = arr[..., ::-1]
         return np.ascontiguousarray(arr)
 
-    def normalize(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 NHWC -> float32 NCHW, scaled to 0..1 then standardised by mean/std."""
-        x = batch.astype(np.float32) / 255.0
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    def normalize(self, batch: np.ndarray, input_order: str | None = None) -> np.ndarray:
+        """uint8 NHWC -> normalised float32 NCHW (see :func:`normalize`)."""
+        return normalize(batch, self, input_order)
+
+
+# ---------------------------------------------------------------------- normalisation
+# The one definition of "uint8 pixels -> network input", in numpy and in torch (engines, ONNX
+# exports, fine-tuning). ``mean``/``std`` are stored in RGB order on a 0..1 scale (timm's
+# pretrained_cfg); the pixels of a BGR backbone come from ``to_uint8`` already in BGR order, so
+# the statistics are reversed to match them. Arithmetic: ``(x - 255 * mean) / (255 * std)`` in
+# float32, the same in numpy and torch, so both give the same numbers.
+
+
+def _flip_input(pp: Preprocess, input_order: str | None) -> bool:
+    """Whether pixels in ``input_order`` (None: as ``to_uint8`` made them, i.e. in the
+    backbone's ``channel_order``) must be reversed into the backbone's order."""
+    if input_order is None:
+        return False
+    if input_order not in ("RGB", "BGR"):
+        raise ValueError(f"unknown channel order {input_order!r}")
+    return input_order != pp.channel_order
+
+
+def mean_std_255(pp: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) as float32 (3,) on the 0..255 scale, in the backbone's channel order."""
+    mean = np.asarray(pp.mean, np.float32) * np.float32(255.0)
+    std = np.asarray(pp.std, np.float32) * np.float32(255.0)
+    if pp.channel_order == "BGR":
+        mean, std = mean[::-1].copy(), std[::-1].copy()
+    return mean, std
+
+
+def normalize(batch: np.ndarray, pp: Preprocess, input_order: str | None = None) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) standardised by ``pp``'s mean/std.
+
+    ``input_order``: the channel order of ``batch``; None means as ``pp.to_uint8`` made it
+    (the backbone's own order); ``"RGB"`` for the export/serving contract (RGB input), which
+    reverses the pixels for a BGR backbone.
+    """
+    x = np.asarray(batch).astype(np.float32)
+    if _flip_input(pp, input_order):
+        x = x[..., ::-1]
+    mean, std = mean_std_255(pp)
+    return np.ascontiguousarray(((x - mean) / std).transpose(0, 3, 1, 2))
+
+
+def _normalize_class():
+    import torch
+
+    class Normalize(torch.nn.Module):
+        """uint8 (N, H, W, 3) -> float32 (N, 3, H, W): :func:`normalize` as a torch module.
+
+        Built from a :class:`Preprocess` (and ``input_order``, as in :func:`normalize`); mean
+        and std are buffers (move with ``.to(device)``, constants in an ONNX export).
+        """
+
+        def __init__(self, pp: Preprocess, input_order: str | None = None):
+            super().__init__()
+            self.flip = _flip_input(pp, input_order)
+            mean, std = mean_std_255(pp)
+            self.register_buffer("mean", torch.from_numpy(mean).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.from_numpy(std).view(1, 3, 1, 1))
+
+        def forward(self, x):
+            return self.standardize(x.permute(0, 3, 1, 2).float())
+
+        def standardize(self, x):
+            """Float NCHW pixels (0..255, in ``input_order``) -> normalised NCHW; for callers
+            that work on NCHW before normalising (the export's in-graph resize)."""
+            if self.flip:
+                x = x.flip(1)
+            return (x - self.mean) / self.std
+
+    return Normalize
+
+
+_LAZY: dict = {}
+
+
+def __getattr__(name: str):
+    # ``Normalize`` subclasses torch.nn.Module: built on first use so that importing this module
+    # (decode workers, the CLI) does not import torch.
+    if name == "Normalize":
+        if name not in _LAZY:
+            _LAZY[name] = _normalize_class()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,13 +19,13 @@ directory, prediction and serving are unchanged.
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 
 from .errors import StackvisionError
 from .heads import HEADS, balanced_weights, make_head
 from .shards import ShardedFeatures
+from .training import BestWeights, EarlyStopping, TrainingLoop
 
 STREAM_DEFAULTS = {"epochs": 20, "lr": 1e-3, "batch_size": 256, "patience": 3, "chunk_rows": 8192}
 
@@ -129,9 +129,9 @@ def fit_streaming(
                 out[[pos[r] for r in ids.tolist()]] = p
         return out
 
-    best, best_state, bad = math.inf, None, 0
     yv = y[val_rows]
-    for epoch in range(int(sp["epochs"])):
+
+    def train_epoch(epoch):
         net.train()
         tot, correct, seen = 0.0, 0, 0
         for ids, x in feats.chunks(train_rows, chunk, rng=rng):
@@ -155,25 +155,23 @@ def fit_streaming(
                 tot += float(each.detach().sum())
                 correct += int((out.argmax(1) == yt[idx]).sum())
                 seen += len(idx)
+        return {"loss": tot / max(seen, 1), "accuracy": correct / max(seen, 1)}
+
+    def validate(epoch):
         vp = val_proba()
-        vloss = float(-np.mean(np.log(np.clip(vp[np.arange(len(yv)), yv], 1e-12, 1))))
-        head.history.append(
-            {
-                "epoch": epoch + 1,
-                "loss": tot / max(seen, 1),
-                "accuracy": correct / max(seen, 1),
-                "val_loss": vloss,
-                "val_accuracy": float(np.mean(vp.argmax(1) == yv)),
-                "lr": float(sp["lr"]),
-            }
-        )
-        if vloss < best - 1e-4:
-            best, bad, best_state = vloss, 0, copy.deepcopy(net.state_dict())
-        else:
-            bad += 1
-            if bad > int(sp["patience"]):
-                break
-    net.load_state_dict(best_state)
+        return {
+            "val_loss": float(-np.mean(np.log(np.clip(vp[np.arange(len(yv)), yv], 1e-12, 1)))),
+            "val_accuracy": float(np.mean(vp.argmax(1) == yv)),
+        }
+
+    callbacks = [
+        BestWeights(lambda: copy.deepcopy(net.state_dict()), net.load_state_dict, 1e-4),
+        EarlyStopping(int(sp["patience"]), min_delta=1e-4),
+    ]
+    lr = float(sp["lr"])  # constant: no plateau schedule when streaming
+    TrainingLoop(train_epoch, validate, callbacks, lr=lambda: lr, history=head.history).run(
+        int(sp["epochs"])
+    )  # ends with the best weights restored
     linears = [net] if kind == "logreg" else [m for m in net if isinstance(m, torch.nn.Linear)]
     layers = [(m.weight.detach().numpy().copy(), m.bias.detach().numpy().copy()) for m in linears]
     if kind == "logreg":

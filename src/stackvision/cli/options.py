@@ -251,6 +251,16 @@ def listing(args, data=None):
     )
 
 
+def validation_data(args) -> tuple[list[str], list[str]] | None:
+    """``--val DATA`` as (paths, labels), or None."""
+    if not getattr(args, "val", None):
+        return None
+    from ..data import load_labelled
+
+    vl = load_labelled(args.val)
+    return vl.paths, vl.labels
+
+
 def data_inputs(args) -> list[str | None]:
     """The input paths of a labelled-data verb (never written over)."""
     return [

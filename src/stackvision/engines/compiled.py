@@ -76,27 +76,21 @@ def export_key(spec: BackboneSpec, pool: str) -> str:
 
 
 def normalised_extractor(spec: BackboneSpec, pool: str = "avg"):
-    """``build_model(spec, pool)`` behind a uint8 NHWC -> normalised float NCHW front end.
-
-    Same arithmetic as :class:`TorchEngine`: ``(x - 255*mean) / (255*std)`` per channel.
-    """
+    """``build_model(spec, pool)`` behind :class:`~stackvision.preprocess.Normalize`: uint8 NHWC
+    (as ``to_uint8`` makes it) -> features; the same arithmetic as :class:`TorchEngine`."""
     import torch
 
     from ..backbones import build_model
+    from ..preprocess import Normalize
 
     class NormalisedExtractor(torch.nn.Module):
         def __init__(self, model, pp):
             super().__init__()
             self.model = model
-            mean, std = list(pp.mean), list(pp.std)
-            if pp.channel_order == "BGR":  # to_uint8 already flipped the pixels
-                mean, std = mean[::-1], std[::-1]
-            self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
-            self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
+            self.normalize = Normalize(pp)
 
         def forward(self, images):  # uint8 (N, H, W, 3)
-            x = images.permute(0, 3, 1, 2).float()
-            return self.model((x - self.mean) / self.std)
+            return self.model(self.normalize(images))
 
     return NormalisedExtractor(build_model(spec, pool), spec.preprocess).eval()
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..backbones import BackboneSpec, build_model
+from ..preprocess import Normalize
 
 
 class TorchEngine:
@@ -19,20 +20,13 @@ class TorchEngine:
         model = build_model(spec, pool)
         # Channels-last is ~3x faster than the default layout for these convnets on x86 CPUs.
         self.model = model.to(self.device, memory_format=torch.channels_last)
-        pp = spec.preprocess
-        self._mean = torch.tensor(pp.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(pp.std, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._bgr = pp.channel_order == "BGR"
+        # Pixels arrive as Preprocess.to_uint8 made them (already in the backbone's channel order).
+        self.normalize = Normalize(spec.preprocess).to(self.device)
 
     @torch.inference_mode()
     def features(self, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        x = x.permute(0, 3, 1, 2).float()
-        # Preprocess.to_uint8 already applied channel order; mean/std are in RGB order.
-        mean, std = (
-            (self._mean.flip(1), self._std.flip(1)) if self._bgr else (self._mean, self._std)
-        )
-        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        x = self.normalize(x).contiguous(memory_format=torch.channels_last)
         with exact_fp32(self.device):
             return self.model(x).float().cpu().numpy()
 

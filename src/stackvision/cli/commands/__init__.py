@@ -9,6 +9,7 @@ VERBS = [
     "train",
     "predict",
     "evaluate",
+    "info",
     "finetune",
     "augment_preview",
     "ensemble",

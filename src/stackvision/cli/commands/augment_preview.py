@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .. import options as opt
 from ..display import report_problems
-from ..options import add_labelled_data, add_out, check_out, data_inputs, listing
 
 
 def add_parser(sub) -> None:
@@ -15,8 +15,8 @@ def add_parser(sub) -> None:
         description="Write a grid: a few images of DATA, each original followed by augmented "
         "copies.",
     )
-    add_labelled_data(a, required=False)
-    add_out(a, "PNG", "image file to write")
+    opt.add_labelled_data(a, required=False)
+    opt.add_out(a, "PNG", "image file to write")
     a.add_argument(
         "--augment", default="standard", metavar="PRESET[,k=v]", help="(default: standard)"
     )
@@ -48,8 +48,8 @@ def run(args) -> int:
     from ...backbones import resolve
     from ...data import from_paths
 
-    check_out(args, "png", data_inputs(args))
-    data = listing(args) if _labelled(args) else from_paths([args.data])
+    opt.check_out(args, "png", opt.data_inputs(args))
+    data = opt.listing(args) if _labelled(args) else from_paths([args.data])
     aug = Augment.parse(args.augment or "standard")
     pp = resolve(args.backbone).preprocess
     if args.input_size:

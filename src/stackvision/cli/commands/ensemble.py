@@ -6,17 +6,8 @@ import os
 import time
 
 from ...errors import StackvisionError
+from .. import options as opt
 from ..display import report_problems, say, table
-from ..options import (
-    add_labels_csv,
-    add_out,
-    add_runtime_options,
-    add_weights,
-    check_out,
-    data_inputs,
-    listing,
-    runtime,
-)
 
 
 def add_parser(sub) -> None:
@@ -29,8 +20,8 @@ def add_parser(sub) -> None:
     )
     e.add_argument("models", nargs="+", metavar="MODEL", help="model directories (two or more)")
     e.add_argument("--data", metavar="DATA", help="held-out labelled folder (or labels CSV)")
-    add_labels_csv(e, "--data")
-    add_out(e, "ENSEMBLE", "ensemble directory to write")
+    opt.add_labels_csv(e, "--data")
+    opt.add_out(e, "ENSEMBLE", "ensemble directory to write")
     e.add_argument(
         "--method",
         default="all",
@@ -41,8 +32,8 @@ def add_parser(sub) -> None:
     e.add_argument(
         "--seed", type=int, default=0, help="seed for the out-of-fold splits (default: 0)"
     )
-    add_weights(e, "local checkpoint for a member's backbone")
-    add_runtime_options(e)
+    opt.add_weights(e, "local checkpoint for a member's backbone")
+    opt.add_runtime_options(e)
     e.set_defaults(func=run)
 
 
@@ -54,16 +45,16 @@ def run(args) -> int:
             "ensemble needs held-out labelled data to fit and score the combiners",
             "pass --data DATA with images the members were not trained on",
         )
-    check_out(args, "model", data_inputs(args))
+    opt.check_out(args, "model", opt.data_inputs(args))
     ens = EnsembleClassifier(
         args.models,
         method=args.method,
         folds=args.folds,
         seed=args.seed,
         weights=dict(args.weights or []),
-        **runtime(args),
+        **opt.runtime(args),
     )
-    data = listing(args, data=args.data)
+    data = opt.listing(args, data=args.data)
     t0 = time.perf_counter()
     say(
         args,

@@ -5,17 +5,8 @@ from __future__ import annotations
 import os
 
 from ...errors import StackvisionError
+from .. import options as opt
 from ..display import report_problems, table
-from ..options import (
-    add_labelled_data,
-    add_out,
-    add_runtime_options,
-    add_weights,
-    check_out,
-    data_inputs,
-    listing,
-    load_model_for,
-)
 
 
 def add_parser(sub) -> None:
@@ -25,10 +16,10 @@ def add_parser(sub) -> None:
         description="Evaluate a model on labelled data: metrics.json and report/ in --out.",
     )
     ev.add_argument("model", metavar="MODEL", help="model directory")
-    add_labelled_data(ev, required=False)
-    add_out(ev, "DIR", "folder for metrics.json and report/ (written whole, atomically)")
-    add_weights(ev)
-    add_runtime_options(ev)
+    opt.add_labelled_data(ev, required=False)
+    opt.add_out(ev, "DIR", "folder for metrics.json and report/ (written whole, atomically)")
+    opt.add_weights(ev)
+    opt.add_runtime_options(ev)
     ev.set_defaults(func=run)
 
 
@@ -41,9 +32,9 @@ def run(args) -> int:
     from ...outputs import EVALUATION_FORMAT
     from ...report import write_report
 
-    check_out(args, "evaluation", [args.model, *data_inputs(args)])
-    model = load_model_for(args)
-    data = listing(args)
+    opt.check_out(args, "evaluation", [args.model, *opt.data_inputs(args)])
+    model = opt.load_model_for(args)
+    data = opt.listing(args)
     unknown = sorted(set(data.labels) - set(model.classes_))
     if unknown:
         raise StackvisionError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..options import add_out, add_weights, check_out, load_model_for
+from .. import options as opt
 
 
 def add_parser(sub) -> None:
@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     )
     ex.add_argument("model", metavar="MODEL", help="model directory")
     ex.add_argument("--format", default="onnx", choices=["onnx"], help="(default: onnx)")
-    add_out(ex, "FILE", "file to write, e.g. model.onnx")
+    opt.add_out(ex, "FILE", "file to write, e.g. model.onnx")
     ex.add_argument(
         "--opset",
         type=int,
@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
         action="store_true",
         help="skip running the file in ONNX Runtime against the torch model",
     )
-    add_weights(ex)
+    opt.add_weights(ex)
     # export builds the torch graph on the CPU, whatever the machine has
     ex.set_defaults(func=run, device="cpu", engine="torch", precision="fp32", quiet=True)
 
@@ -51,8 +51,8 @@ def run(args) -> int:
     from ...export import export_model
 
     check(args)
-    check_out(args, "onnx", [args.model])
-    model = load_model_for(args)
+    opt.check_out(args, "onnx", [args.model])
+    model = opt.load_model_for(args)
     t0 = time.perf_counter()
     info = export_model(model, args.out, args.format, opset=args.opset, check=not args.no_check)
     inp = info["input"]

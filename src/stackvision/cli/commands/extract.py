@@ -5,15 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+from .. import options as opt
 from ..display import report_problems, table
-from ..options import (
-    add_backbone_options,
-    add_labels_csv,
-    add_runtime_options,
-    backbone_list,
-    listing,
-    runtime,
-)
 
 
 def add_parser(sub) -> None:
@@ -26,8 +19,8 @@ def add_parser(sub) -> None:
     e.add_argument(
         "data", nargs="?", metavar="DATA", help="folder of class subfolders, images or a CSV"
     )
-    add_labels_csv(e)
-    add_backbone_options(e)
+    opt.add_labels_csv(e)
+    opt.add_backbone_options(e)
     e.add_argument(
         "--tta",
         default="flip",
@@ -52,7 +45,7 @@ def add_parser(sub) -> None:
         action="store_true",
         help="replace an existing --export-shards folder that stackvision wrote",
     )
-    add_runtime_options(e)
+    opt.add_runtime_options(e)
     e.set_defaults(func=run)
 
 
@@ -67,7 +60,7 @@ def run(args) -> int:
     from ...outputs import check_out
     from ...runners import extract_features
 
-    rt = runtime(args)
+    rt = opt.runtime(args)
     if args.export_shards:
         check_out(
             args.export_shards,
@@ -78,10 +71,10 @@ def run(args) -> int:
             flag="--export-shards",
         )
     if args.labels or (args.data and os.path.isdir(args.data) and _looks_labelled(args.data)):
-        data = listing(args)
+        data = opt.listing(args)
     else:
         data = from_paths([args.data] if args.data else [])
-    specs = [resolve(b, dict(args.weights or [])) for b in backbone_list(args.backbones)]
+    specs = [resolve(b, dict(args.weights or [])) for b in opt.backbone_list(args.backbones)]
     views = ("orig", "flip") if args.tta == "flip" else ("orig",)
     precision = rt.get("precision", "fp32")
     cache = FeatureCache(rt["cache_dir"])

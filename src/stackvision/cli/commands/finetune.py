@@ -7,18 +7,8 @@ import shutil
 import time
 
 from ...errors import StackvisionError
+from .. import options as opt
 from ..display import METRIC_COLS, report_problems, say, table
-from ..options import (
-    add_labelled_data,
-    add_out,
-    add_runtime_options,
-    add_weights,
-    check_out,
-    data_inputs,
-    listing,
-    runtime,
-    validate_estimator,
-)
 
 # What a fine-tuning work folder may hold; anything else means it is not ours.
 WORK_FILES = ("checkpoint.safetensors", "checkpoint.safetensors.tmp")
@@ -60,8 +50,8 @@ def add_parser(sub) -> None:
         "top N blocks at a lower learning rate. Early stopping on validation loss, "
         "reduce-LR-on-plateau, best checkpoint kept; rerun the same command to resume.",
     )
-    add_labelled_data(f, required=False)
-    add_out(f, "MODEL", "model directory to write (its checkpoint lives in MODEL.work)")
+    opt.add_labelled_data(f, required=False)
+    opt.add_out(f, "MODEL", "model directory to write (its checkpoint lives in MODEL.work)")
     f.add_argument("--backbone", default="lite0", help="backbone to fine-tune (default: lite0)")
     f.add_argument(
         "--epochs", type=int, default=10, help="fine-tuning epochs after the head (default: 10)"
@@ -115,7 +105,7 @@ def add_parser(sub) -> None:
         help="average original and flipped image at prediction (default: flip)",
     )
     f.add_argument("--pool", default="avg", choices=["avg", "max", "avgmax"], help="global pooling")
-    add_weights(f, "local checkpoint for the backbone")
+    opt.add_weights(f, "local checkpoint for the backbone")
     f.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     f.add_argument(
         "--restart", action="store_true", help="ignore an existing checkpoint and start over"
@@ -123,7 +113,7 @@ def add_parser(sub) -> None:
     f.add_argument(
         "--keep-work", action="store_true", help="keep MODEL.work (the checkpoint) after success"
     )
-    add_runtime_options(f)
+    opt.add_runtime_options(f)
     f.set_defaults(func=run)
 
 
@@ -131,10 +121,10 @@ def run(args) -> int:
     from ...finetune import FineTunedClassifier
     from ...metrics import summary_row
 
-    check_out(args, "model", data_inputs(args))
+    opt.check_out(args, "model", opt.data_inputs(args))
     work = work_dir_for(args.out)
     check_work_dir(work)
-    rt = runtime(args)
+    rt = opt.runtime(args)
     model = FineTunedClassifier(
         args.backbone,
         epochs=args.epochs,
@@ -160,14 +150,9 @@ def run(args) -> int:
         strict=rt["strict"],
         progress=not args.quiet,
     )
-    validate_estimator(model)
-    data = listing(args)
-    val = None
-    if args.val:
-        from ...data import load_labelled
-
-        vl = load_labelled(args.val)
-        val = (vl.paths, vl.labels)
+    opt.validate_estimator(model)
+    data = opt.listing(args)
+    val = opt.validation_data(args)
     if args.restart and os.path.isdir(work):
         shutil.rmtree(work)  # checked above: it holds only our checkpoint
     t0 = time.perf_counter()

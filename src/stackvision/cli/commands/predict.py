@@ -6,8 +6,8 @@ import csv
 import os
 import sys
 
+from .. import options as opt
 from ..display import report_problems, say
-from ..options import add_out, add_runtime_options, add_weights, check_out, load_model_for
 
 
 def add_parser(sub) -> None:
@@ -32,9 +32,9 @@ def add_parser(sub) -> None:
         choices=["topk", "kaggle"],
         help="topk: path,class_1,prob_1,...; kaggle: id,<class 1>,...,<class N> (default: topk)",
     )
-    add_out(pr, "CSV", "write the CSV here (default: stdout)", required=False)
-    add_weights(pr)
-    add_runtime_options(pr)
+    opt.add_out(pr, "CSV", "write the CSV here (default: stdout)", required=False)
+    opt.add_weights(pr)
+    opt.add_runtime_options(pr)
     pr.set_defaults(func=run)
 
 
@@ -62,8 +62,8 @@ def run(args) -> int:
     from ...data import from_paths
 
     if args.out:
-        check_out(args, "csv", [args.model, *args.inputs])
-    model = load_model_for(args)
+        opt.check_out(args, "csv", [args.model, *args.inputs])
+    model = opt.load_model_for(args)
     data = from_paths(args.inputs)
     pred = model.predict_paths(data.paths)
     problems = data.problems + pred.problems

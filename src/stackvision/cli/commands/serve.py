@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..options import add_weights
+from .. import options as opt
 
 
 def add_parser(sub) -> None:
@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
         help="log level; tracebacks of server errors are logged at debug (default: info)",
     )
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
-    add_weights(sv)
+    opt.add_weights(sv)
     sv.set_defaults(func=run)
 
 

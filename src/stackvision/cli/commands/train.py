@@ -6,20 +6,8 @@ import os
 import time
 
 from ...errors import StackvisionError
+from .. import options as opt
 from ..display import METRIC_COLS, report_problems, say, table
-from ..options import (
-    add_backbone_options,
-    add_labelled_data,
-    add_out,
-    add_runtime_options,
-    backbone_list,
-    check_out,
-    data_inputs,
-    listing,
-    parse_value,
-    runtime,
-    validate_estimator,
-)
 
 COMPARE_COLS = (
     "model",
@@ -39,9 +27,9 @@ def add_parser(sub) -> None:
         description="Train heads on stacked cached features with k-fold CV and flip TTA; write a "
         "model directory.",
     )
-    add_labelled_data(t, required=False)
-    add_out(t, "MODEL", "model directory to write")
-    add_backbone_options(t)
+    opt.add_labelled_data(t, required=False)
+    opt.add_out(t, "MODEL", "model directory to write")
+    opt.add_backbone_options(t)
     t.add_argument(
         "--head",
         default="logreg",
@@ -90,15 +78,13 @@ def add_parser(sub) -> None:
         help="train on a sharded feature set (extract --export-shards) streamed from disk, for"
         " features larger than memory: one head, hold-out --val-split (default 0.1)",
     )
-    add_runtime_options(t)
+    opt.add_runtime_options(t)
     t.set_defaults(func=run)
 
 
 def _head_param(text: str) -> tuple[str, object]:
-    from ..options import kv
-
-    k, v = kv(text)
-    return k, parse_value(v)
+    k, v = opt.kv(text)
+    return k, opt.parse_value(v)
 
 
 def _head_params(args) -> dict | None:
@@ -123,14 +109,14 @@ def _check_head(args) -> None:
 
 def run(args) -> int:
     _check_head(args)
-    check_out(args, "model", data_inputs(args))
+    opt.check_out(args, "model", opt.data_inputs(args))
     if args.from_shards:
         return _run_shards(args)
     from ...classifier import StackedClassifier
     from ...metrics import summary_row
 
     model = StackedClassifier(
-        backbone_list(args.backbones),
+        opt.backbone_list(args.backbones),
         head=args.head,
         head_params=_head_params(args),
         folds=args.folds,
@@ -141,16 +127,11 @@ def run(args) -> int:
         calibrate=not args.no_calibrate,
         weights=dict(args.weights or []),
         seed=args.seed,
-        **runtime(args),
+        **opt.runtime(args),
     )
-    validate_estimator(model)
-    data = listing(args)
-    val = None
-    if args.val:
-        from ...data import load_labelled
-
-        vl = load_labelled(args.val)
-        val = (vl.paths, vl.labels)
+    opt.validate_estimator(model)
+    data = opt.listing(args)
+    val = opt.validation_data(args)
     t0 = time.perf_counter()
     say(
         args,
@@ -218,7 +199,7 @@ def _run_shards(args) -> int:
         calibrate=not args.no_calibrate,
         weights=dict(args.weights or []),
         seed=args.seed,
-        **runtime(args),
+        **opt.runtime(args),
     )
     path = model.save(args.out)
     sh = model.shards_
