@@ -192,3 +192,10 @@ def test_decode_errors_survive_pickling():
 
     err = pickle.loads(pickle.dumps(ImageDecodeError("a.jpg", "too big", too_large=True)))
     assert (err.path, err.reason, err.too_large) == ("a.jpg", "too big", True)
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PCX", "TGA", "PPM", "EPS"])
+def test_formats_outside_the_supported_ones_are_not_parsed(fmt):
+    img = synthetic_image((16, 16))
+    with pytest.raises(ImageDecodeError, match="not an image file in a supported format"):
+        decode(_encode(img, fmt))

@@ -52,6 +52,9 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 MAX_ASPECT = 50
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+# The formats Pillow may open besides JPEG: the supported ones only. Pillow knows ~40 more (EPS
+# would run Ghostscript, PSD, ICO, ...), each a parser an uploaded file could reach for nothing.
+_OTHER_FORMATS = ("PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class ImageDecodeError(Exception):
@@ -123,7 +126,7 @@ def _open(data: bytes) -> Image.Image:
     check, which :func:`decode` makes itself after draft mode has reduced the scale."""
     if data.startswith(_JPEG_MAGIC):
         return JpegImagePlugin.JpegImageFile(io.BytesIO(data))
-    return Image.open(io.BytesIO(data))
+    return Image.open(io.BytesIO(data), formats=_OTHER_FORMATS)
 
 
 def check_shape(size: tuple[int, int], path: str) -> None:
@@ -170,7 +173,7 @@ def probe(data: bytes, path: str = "<bytes>") -> tuple[str, int, int]:
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, UnidentifiedImageError):
-        return "not an image file (unknown format)"
+        return "not an image file in a supported format (JPEG, PNG, WebP, BMP, GIF, TIFF)"
     reason = " ".join(str(exc).split()) or type(exc).__name__
     if "truncated" in reason.lower() or "broken data stream" in reason.lower():
         return f"truncated or corrupt image data ({reason})"
