@@ -115,3 +115,12 @@ def test_folds_advice_for_a_single_image_class():
         check_trainable(["a"] * 6 + ["b"], folds=5)
     assert "--folds 0" in str(exc.value) and "--folds 2" not in str(exc.value)
     check_trainable(["a"] * 6 + ["b"], folds=0)
+
+
+def test_absolute_ids_inside_the_images_folder_are_fine(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    synthetic_image().save(tmp_path / "imgs" / "a.jpg")
+    synthetic_image(seed=1).save(tmp_path / "imgs" / "b.jpg")
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"id,breed\n{tmp_path / 'imgs' / 'a.jpg'},pug\nb,boxer\n")
+    assert from_csv(str(csv), str(tmp_path / "imgs")).labels == ["pug", "boxer"]

@@ -153,6 +153,10 @@ def _control_chars(text: str) -> str:
     return " ".join(repr(ch)[1:-1] for ch in bad)
 
 
+def _shown(value: str, limit: int = 60) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
 def _check_row(csv_path: str, line: int, ident: str, label: str) -> None:
     """Refuse an id or label holding control characters: a NUL or an escape sequence in a class
     name ends up in the manifest, the terminal and the report; no real label has one."""
@@ -160,7 +164,8 @@ def _check_row(csv_path: str, line: int, ident: str, label: str) -> None:
         bad = _control_chars(value)
         if bad:
             raise StackvisionError(
-                f"{csv_path} line {line}: the {what} {value!r} holds control character(s) {bad}",
+                f"{csv_path} line {line}: the {what} {_shown(value)} holds control "
+                f"character(s) {bad}",
                 f"remove them from the {what} column (labels and ids are plain text)",
             )
 
@@ -238,10 +243,8 @@ def from_csv(
         if not ident or not label:
             missing.append(f"row with id '{ident}' and label '{label}' is incomplete")
             continue
-        if not allow_outside and (
-            os.path.isabs(ident) or not _inside(os.path.join(base, ident), base)
-        ):
-            raise StackvisionError(
+        if not allow_outside and not _inside(os.path.join(base, ident), base):
+            raise StackvisionError(  # an absolute id is fine if it names a file in the folder
                 f"{csv_path} line {line}: id '{ident}' leads outside the images folder {base}",
                 "give ids relative to --images (or, if you trust this CSV, pass "
                 "--allow-outside-images)",
