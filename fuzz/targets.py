@@ -41,8 +41,8 @@ class CsvWorkspace:
 
     NAMES = ("a.jpg", "b.png", "c d.jpg", "sub/e.jpg", "é.jpg")
 
-    def __init__(self):
-        self.root = tempfile.mkdtemp(prefix="fuzz-csv-")
+    def __init__(self, root: str | None = None):
+        self.root = root or tempfile.mkdtemp(prefix="fuzz-csv-")
         self.images = os.path.join(self.root, "images")
         for name in self.NAMES:
             path = os.path.join(self.images, name)
@@ -79,8 +79,8 @@ def csv_target(ws: CsvWorkspace, data: bytes, id_col, label_col, allow_outside: 
 
 # ---------------------------------------------------------------------- model_dir.read_manifest
 class ManifestWorkspace:
-    def __init__(self):
-        self.root = tempfile.mkdtemp(prefix="fuzz-manifest-")
+    def __init__(self, root: str | None = None):
+        self.root = root or tempfile.mkdtemp(prefix="fuzz-manifest-")
         self.model = os.path.join(self.root, "model")
         os.makedirs(self.model)
         self.path = os.path.join(self.model, "manifest.json")

@@ -34,7 +34,7 @@ OLD_FINDINGS = [
 
 
 @pytest.mark.parametrize("data", OLD_FINDINGS)
-def test_csv_inputs_found_by_the_fuzzer_are_clean_errors(data):
+def test_csv_inputs_found_by_the_fuzzer_are_clean_errors(data, tmp_path):
     from fuzz.targets import CsvWorkspace, csv_target
 
-    assert csv_target(CsvWorkspace(), data, None, None, False) == "StackvisionError"
+    assert csv_target(CsvWorkspace(str(tmp_path)), data, None, None, False) == "StackvisionError"
