@@ -173,7 +173,7 @@ def probe(data: bytes, path: str = "<bytes>") -> tuple[str, int, int]:
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, UnidentifiedImageError):
-        return "not an image file in a supported format (JPEG, PNG, WebP, BMP, GIF, TIFF)"
+        return "not an image file (unknown format)"  # or one we do not parse (EPS, PSD, ...)
     reason = " ".join(str(exc).split()) or type(exc).__name__
     if "truncated" in reason.lower() or "broken data stream" in reason.lower():
         return f"truncated or corrupt image data ({reason})"
