@@ -138,7 +138,7 @@ def check_shape(size: tuple[int, int], path: str) -> None:
         raise ImageDecodeError(
             path,
             f"aspect ratio of {w}x{h} is {max(w, h) / min(w, h):.0f}:1, over the limit of "
-            f"{MAX_ASPECT}:1 (the network would see under {100 / MAX_ASPECT:.0f}% of it); skipped",
+            f"{MAX_ASPECT}:1 (the network would see under {100 / MAX_ASPECT:.0f}% of it)",
         )
 
 

@@ -378,6 +378,7 @@ def create_app(
     app.add_middleware(BodyLimit, limits=svc.limits)
     app.add_middleware(RequestContext, counters=svc.counters)
     _add_routes(app, key_dependency(api_key))
+    redact_logs(api_key)  # also when the caller runs uvicorn itself; serve() redoes it after
     return app
 
 
