@@ -23,7 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import SHARED_DATA, machine, md_table, today, write_section  # noqa: E402
-from stackvision import StackedClassifier  # noqa: E402
+from stackvision import Runtime, StackedClassifier  # noqa: E402
 from stackvision.data import from_folder  # noqa: E402
 from stackvision.metrics import classification_metrics  # noqa: E402
 
@@ -74,7 +74,7 @@ def main(argv=None):
     Xtr, ytr = subset(train, args.per_class)
     Xva, yva = subset(val, args.per_class)
     print(f"train {len(Xtr)} images, val {len(Xva)} images, cache {cache}", flush=True)
-    common = {"cache_dir": cache, "engine": args.engine, "progress": True}
+    common = {"runtime": Runtime(cache_dir=cache, engine=args.engine, progress=True)}
     rows, details = [], {}
 
     configs = [

@@ -46,7 +46,7 @@ def md_table(rows, cols) -> str:
 def main() -> int:
     from sklearn.model_selection import StratifiedShuffleSplit
 
-    from stackvision import StackedClassifier
+    from stackvision import Runtime, StackedClassifier
     from stackvision.data import from_folder
     from stackvision.ensemble import EnsembleClassifier
     from stackvision.finetune import FineTunedClassifier
@@ -100,9 +100,8 @@ def main() -> int:
             augment=args.augment,
             batch_size=args.batch_size,
             work_dir=out + ".work",
-            device="cpu",
             seed=args.seed,
-            progress=True,
+            runtime=Runtime(device="cpu", progress=True),
         )
         m.fit(trp, trl)
         m.save(out)
@@ -112,7 +111,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     stack = StackedClassifier(
-        ["lite0", "lite1", "lite2"], folds=5, tta="flip", cache_dir=cache, device="cpu"
+        ["lite0", "lite1", "lite2"], folds=5, tta="flip", runtime=Runtime(cache, device="cpu")
     )
     stack.fit(trp, trl)
     stack.save(os.path.join(args.work, "stack"))
@@ -131,8 +130,7 @@ def main() -> int:
             method="all",
             folds=5,
             seed=args.seed,
-            cache_dir=cache,
-            device="cpu",
+            runtime=Runtime(cache, device="cpu"),
         )
         ens.fit(tep, tel)
         ens.save(os.path.join(args.work, "ens-" + "-".join(names)))

@@ -177,6 +177,7 @@ def kind_label(kind: str, workers: int) -> str:
 def check_finetune(train_root, work):
     import torch
 
+    from stackvision import Runtime
     from stackvision.data import from_folder
     from stackvision.finetune import FineTunedClassifier
 
@@ -191,13 +192,13 @@ def check_finetune(train_root, work):
             input_size=224,
             batch_size=bs,
             work_dir=os.path.join(work, "ft"),
-            device="auto",
             seed=0,
+            runtime=Runtime(device="auto"),
         )
         t = time.perf_counter()
         m.fit(lst.paths, lst.labels)
         secs = time.perf_counter() - t
-        hist = m.history_ if hasattr(m, "history_") else None
+        hist = m.history_
         rows.append(
             f"Fine-tuned lite0 (all layers, 224 px, batch {bs}) on {len(lst.paths)} images "
             f"on `{m.device_}` ({torch.cuda.get_device_name(0)}): {secs:.1f} s for 1 head "

@@ -36,14 +36,14 @@ CLASSES = ["n02086240", "n02087394", "n02088364", "n02099601"]
 
 def train_model(out: Path, backbones: str, cache: str) -> Path:
     sys.path.insert(0, str(ROOT / "src"))
-    from stackvision import StackedClassifier
+    from stackvision import Runtime, StackedClassifier
 
     paths, labels = [], []
     for c in CLASSES:
         files = sorted(os.listdir(DATA / "train" / c))[:12]
         paths += [str(DATA / "train" / c / f) for f in files]
         labels += [c] * len(files)
-    model = StackedClassifier(backbones.split(","), folds=2, cache_dir=cache)
+    model = StackedClassifier(backbones.split(","), folds=2, runtime=Runtime(cache))
     model.fit(paths, labels).save(str(out), report=False)
     return out
 

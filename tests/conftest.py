@@ -68,3 +68,70 @@ def synthetic_image(size=(64, 48), seed=0, mode="RGB") -> Image.Image:
     return (
         Image.fromarray(arr, "RGB").convert(mode) if mode != "RGB" else Image.fromarray(arr, "RGB")
     )
+
+
+# ---------------------------------------------------------------------- one model of each kind
+# Built once per session by the CLI verbs themselves (train, finetune, ensemble) on 3 flower
+# classes x 10 images, lite0 only, and shared by every test that needs a model of each kind.
+FLOWER_CLASSES = ["daisy", "sunflower", "tulip"]
+
+
+@pytest.fixture(scope="session")
+def heldout(tmp_path_factory) -> Path:
+    """3 flower classes x 4 images the models were not trained on (flowers_small is 0..9)."""
+    return make_slice(tmp_path_factory.mktemp("heldout"), FLOWERS, FLOWER_CLASSES, 4, offset=10)
+
+
+@pytest.fixture(scope="session")
+def kinds_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("kinds")
+
+
+def _cli_train(data, out: Path, cache_dir: str, *extra: str) -> Path:
+    from stackvision.cli import main
+
+    args = ["train", str(data), "--out", str(out), "--backbones", "lite0", "--folds", "2"]
+    assert main([*args, "--cache", cache_dir, "--device", "cpu", "-q", *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def stack_dir(flowers_small, cache_dir, kinds_root) -> Path:
+    return _cli_train(flowers_small, kinds_root / "stack", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def mlp_dir(flowers_small, cache_dir, kinds_root) -> Path:
+    return _cli_train(flowers_small, kinds_root / "mlp", cache_dir, "--head", "mlp")
+
+
+@pytest.fixture(scope="session")
+def ft_dir(flowers_small, kinds_root) -> Path:
+    """Head-only fine-tuning, one epoch at 64 px: enough to have a model of that kind."""
+    from stackvision.cli import main
+
+    out = kinds_root / "ft"
+    args = ["finetune", str(flowers_small), "--out", str(out), "--backbone", "lite0"]
+    args += ["--head-epochs", "1", "--epochs", "0", "--input-size", "64", "--batch-size", "8"]
+    assert main([*args, "--val-split", "0.3", "--device", "cpu", "-q"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def ens_dir(stack_dir, ft_dir, heldout, cache_dir, kinds_root) -> Path:
+    from stackvision.cli import main
+
+    out = kinds_root / "ens"
+    args = ["ensemble", str(stack_dir), str(ft_dir), "--data", str(heldout), "--out", str(out)]
+    # mean: both members count (the best-by-log-loss pick may weight one of them to zero)
+    assert main([*args, "--method", "mean", "--cache", cache_dir, "--device", "cpu", "-q"]) == 0
+    return out
+
+
+#: test id -> (model directory fixture, the kind its manifest names)
+KINDS = {
+    "stack-logreg": ("stack_dir", "stack"),
+    "stack-mlp": ("mlp_dir", "stack"),
+    "finetune": ("ft_dir", "finetune"),
+    "ensemble": ("ens_dir", "ensemble"),
+}

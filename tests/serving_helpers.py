@@ -1,7 +1,9 @@
-"""Helpers for the export/serve/web tests: a tiny trained model and a real server process."""
+"""Helpers for the export/serve/web/contract tests: a tiny trained model, an ONNX file run in
+ONNX Runtime alone, and a real server process."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 import stackvision
 
@@ -18,14 +21,47 @@ SRC = str(Path(stackvision.__file__).resolve().parents[1])
 
 def train_tiny(data_dir, cache_dir: str, out: Path, backbones=("lite0",), **params) -> Path:
     """A small stack (lite0, 2 folds by default) trained on ``data_dir``, saved to ``out``."""
-    from stackvision import StackedClassifier
+    from stackvision import Runtime, StackedClassifier
     from stackvision.data import load_labelled
 
     listing = load_labelled(str(data_dir))
-    model = StackedClassifier(list(backbones), folds=2, cache_dir=cache_dir, **params)
+    model = StackedClassifier(list(backbones), folds=2, runtime=Runtime(cache_dir), **params)
     model.fit(listing.paths, listing.labels)
     model.save(str(out), report=False)
     return out
+
+
+# Runs with `python -I` (no PYTHONPATH, no user site): only onnxruntime and numpy are imported.
+ORT_SCRIPT = r"""
+import json, sys
+import numpy as np
+import onnxruntime as ort
+
+model, inp, out = sys.argv[1:4]
+sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+meta = sess.get_modelmeta().custom_metadata_map
+x = np.load(inp)
+proba = sess.run(None, {"image": x})[0]
+np.save(out, proba)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("stackvision", "torch", "timm"))
+print(json.dumps({"classes": json.loads(meta["stackvision.classes"]),
+                  "input": json.loads(meta["stackvision.input"]),
+                  "inputs": [(i.name, i.type, i.shape) for i in sess.get_inputs()],
+                  "loaded": loaded}))
+"""
+
+
+def run_onnx_alone(onnx_path, batch, tmp_path):
+    inp, out = tmp_path / "x.npy", tmp_path / "p.npy"
+    np.save(inp, batch)
+    res = subprocess.run(
+        [sys.executable, "-I", "-c", ORT_SCRIPT, str(onnx_path), str(inp), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    return np.load(out), json.loads(res.stdout)
 
 
 def images_of(folder) -> list[str]:

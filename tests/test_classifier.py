@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stackvision import StackedClassifier, StackvisionError, load_model
+from stackvision import Runtime, StackedClassifier, StackvisionError, load_model
 from stackvision.engines import numbers_id
 from stackvision.heads import MLPHead
 from stackvision.validation import apply_temperature, fit_temperature
@@ -26,7 +26,7 @@ def _data(folder):
 @pytest.fixture(scope="module")
 def fitted(woof_train, cache_dir):
     X, y = _data(woof_train)
-    return StackedClassifier(["lite0"], folds=3, tta="flip", cache_dir=cache_dir).fit(X, y)
+    return StackedClassifier(["lite0"], folds=3, tta="flip", runtime=Runtime(cache_dir)).fit(X, y)
 
 
 def test_kfold_flip_model_learns_dog_breeds(fitted, woof_val):
@@ -104,7 +104,7 @@ def test_mlp_head_early_stopping_history_and_holdout(woof_train, woof_val, cache
         head_params={"hidden": 64, "epochs": 60, "patience": 4},
         folds=0,
         tta="none",
-        cache_dir=cache_dir,
+        runtime=Runtime(cache_dir),
     ).fit(X, y, val=(Xv, yv))
     (hist,) = m.histories_
     assert 1 < len(hist) <= 60
@@ -131,7 +131,12 @@ def test_mlp_restores_best_weights_and_reduces_lr():
 def test_val_split_and_class_weight(woof_train, cache_dir):
     X, y = _data(woof_train)
     m = StackedClassifier(
-        ["lite0"], folds=0, val_split=0.25, tta="none", class_weight="balanced", cache_dir=cache_dir
+        ["lite0"],
+        folds=0,
+        val_split=0.25,
+        tta="none",
+        class_weight="balanced",
+        runtime=Runtime(cache_dir),
     ).fit(X, y)
     assert m.metrics_["n_images"] == 12 and len(m.train_y_) == 36
 
@@ -150,16 +155,16 @@ def test_temperature_calibration_lowers_log_loss():
 def test_parameters_are_validated_at_fit(woof_train, cache_dir):
     X, y = _data(woof_train)
     for kwargs, msg in [
-        ({"head": "svm"}, "unknown head"),
-        ({"folds": 1}, "--folds"),
-        ({"tta": "rot90"}, "TTA"),
+        ({"head": "svm"}, "head must be one of 'logreg', 'mlp'"),
+        ({"folds": 1}, "folds must be an integer >= 2 or 0, got 1"),
+        ({"tta": "rot90"}, "tta must be one of"),
         ({"head_params": {"bogus": 1}}, "logreg head: unknown parameter .bogus."),
         ({"backbones": ["lite0", "nope"]}, "unknown backbone 'nope'"),
     ]:
         with pytest.raises(StackvisionError, match=msg):
-            StackedClassifier(**{"backbones": ["lite0"], "cache_dir": cache_dir, **kwargs}).fit(
-                X, y
-            )
+            StackedClassifier(
+                **{"backbones": ["lite0"], "runtime": Runtime(cache_dir), **kwargs}
+            ).fit(X, y)
     with pytest.raises(StackvisionError, match="not fitted"):
         StackedClassifier().predict(X)
 
@@ -169,7 +174,7 @@ def test_compare_table_shows_backbones_flips_and_fold_ensemble(woof_train, woof_
 
     X, y = _data(woof_train)
     Xv, yv = _data(woof_val)
-    m = StackedClassifier(["lite0", "lite1"], folds=2, tta="flip", cache_dir=cache_dir).fit(
+    m = StackedClassifier(["lite0", "lite1"], folds=2, tta="flip", runtime=Runtime(cache_dir)).fit(
         X, y, val=(Xv, yv)
     )
     rows = compare_table(m)
@@ -191,13 +196,13 @@ def test_compare_table_shows_backbones_flips_and_fold_ensemble(woof_train, woof_
 def test_int8_model_keeps_its_calibration_through_save_and_load(woof_train, cache_dir, tmp_path):
     X, y = _data(woof_train)
     m = StackedClassifier(
-        ["lite0"], folds=2, tta="none", precision="int8", cache_dir=cache_dir
+        ["lite0"], folds=2, tta="none", runtime=Runtime(cache_dir, precision="int8")
     ).fit(X, y)
     assert m.metrics_["accuracy"] > 0.7
     assert set(m.calibration_) == {"lite0"}
     path = m.save(str(tmp_path / "int8"), report=False)
     again = load_model(path, cache_dir=cache_dir)
-    assert again.precision == "int8" and again.calibration_ == m.calibration_
+    assert again.precision_ == "int8" and again.calibration_ == m.calibration_
     np.testing.assert_array_equal(again.predict_proba(X[:6]), m.predict_proba(X[:6]))
     # int8 features live in their own store, keyed by the calibration set
     stores = {

@@ -14,7 +14,8 @@ from stackvision.cli import build_parser, main
 
 from .conftest import ROOT, synthetic_image
 
-VERBS = ["backbones", "extract", "train", "predict", "evaluate"]
+# every verb the parser knows (a new verb is covered without editing this list)
+VERBS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
 
 def run_cli(*args):

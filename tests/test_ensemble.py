@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from stackvision import StackedClassifier, load_model
+from stackvision import Runtime, StackedClassifier, load_model
 from stackvision.cli import main
 from stackvision.data import from_folder
 from stackvision.ensemble import EnsembleClassifier, fit_stacked, fit_weights
-from stackvision.errors import StackvisionError
 from stackvision.finetune import FineTunedClassifier
 
 from .conftest import FLOWERS, make_slice
@@ -35,7 +34,7 @@ def members(flowers_small, cache_dir, tmp_path_factory):
     """A lite0 feature stack and two head-only fine-tuned lite0 models (64 px, seeds 0 and 1)."""
     root = tmp_path_factory.mktemp("members")
     listing = from_folder(str(flowers_small))
-    stack = StackedClassifier(["lite0"], folds=3, cache_dir=cache_dir, device="cpu")
+    stack = StackedClassifier(["lite0"], folds=3, runtime=Runtime(cache_dir, device="cpu"))
     stack.fit(listing.paths, listing.labels)
     dirs = {"stack": stack.save(str(root / "stack"), report=False)}
     for seed in (0, 1):
@@ -48,7 +47,7 @@ def members(flowers_small, cache_dir, tmp_path_factory):
             batch_size=8,
             val_split=0.3,
             seed=seed,
-            device="cpu",
+            runtime=Runtime(device="cpu"),
         )
         ft.fit(listing.paths, listing.labels)
         dirs[f"ft{seed}"] = ft.save(str(root / f"ft{seed}"), report=False)
@@ -160,7 +159,7 @@ def test_finetuned_only_ensemble_exports_and_mixed_one_refuses(members, heldout,
     ens = EnsembleClassifier([members["ft0"], members["ft1"]], method="stacked", folds=3)
     ens.fit(listing.paths, listing.labels)
     mod = ens.to_torch_module()
-    pp = ens.preprocess
+    pp = ens.input_preprocess()
     from stackvision.images import load_rgb
 
     batch = np.stack([pp.to_uint8(load_rgb(p, pp.resize_size)) for p in paths[:5]])
@@ -168,12 +167,16 @@ def test_finetuned_only_ensemble_exports_and_mixed_one_refuses(members, heldout,
         out = mod(torch.from_numpy(batch)).numpy()
     np.testing.assert_allclose(out, ens.predict_proba(paths[:5]), atol=1e-5)
 
+    # Members of different input sizes: the largest member's input, resized inside for the others.
     mixed = EnsembleClassifier([members["stack"], members["ft0"]], method="mean", folds=3,
-                               cache_dir=cache_dir)  # fmt: skip
+                               runtime=Runtime(cache_dir))  # fmt: skip
     mixed.fit(listing.paths, listing.labels)
-    # both members export on their own, but they want different input pixels
-    with pytest.raises(StackvisionError, match="members need different input pixels"):
-        mixed.to_torch_module()
+    pp = mixed.input_preprocess()
+    assert pp.input_size == 224
+    batch = np.stack([pp.to_uint8(load_rgb(p, pp.resize_size)) for p in paths[:3]])
+    with torch.no_grad():
+        out = mixed.to_torch_module()(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(out, mixed.forward_uint8(batch), atol=1e-5)
 
 
 def test_ensemble_user_errors(members, heldout, tmp_path, capsys):
@@ -185,7 +188,7 @@ def test_ensemble_user_errors(members, heldout, tmp_path, capsys):
         shutil.copytree(heldout / c, two / c)
     listing = from_folder(str(two))
     small = FineTunedClassifier("lite0", head_epochs=1, epochs=0, input_size=64, val_split=0.3,
-                                device="cpu").fit(listing.paths, listing.labels)  # fmt: skip
+                                runtime=Runtime(device="cpu")).fit(listing.paths, listing.labels)  # fmt: skip
     small_dir = small.save(str(tmp_path / "small"), report=False)
     assert (
         main(["ensemble", members["ft0"], small_dir, "--data", str(heldout), "--out", out, "-q"])

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,46 +18,14 @@ from stackvision.export import (
 )
 
 from .conftest import WOOF, WOOF_CLASSES, make_slice
-from .serving_helpers import images_of, train_tiny
+from .serving_helpers import images_of, run_onnx_alone, train_tiny
 
 pytest.importorskip("onnxruntime")
-
-# Runs with `python -I` (no PYTHONPATH, no user site): only onnxruntime and numpy are imported.
-ORT_SCRIPT = r"""
-import json, sys
-import numpy as np
-import onnxruntime as ort
-
-model, inp, out = sys.argv[1:4]
-sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-meta = sess.get_modelmeta().custom_metadata_map
-x = np.load(inp)
-proba = sess.run(None, {"image": x})[0]
-np.save(out, proba)
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("stackvision", "torch", "timm"))
-print(json.dumps({"classes": json.loads(meta["stackvision.classes"]),
-                  "input": json.loads(meta["stackvision.input"]),
-                  "inputs": [(i.name, i.type, i.shape) for i in sess.get_inputs()],
-                  "loaded": loaded}))
-"""
 
 
 @pytest.fixture(scope="module")
 def tiny_model(woof_train, cache_dir, tmp_path_factory):
     return train_tiny(woof_train, cache_dir, tmp_path_factory.mktemp("export") / "model")
-
-
-def run_onnx_alone(onnx_path, batch, tmp_path):
-    inp, out = tmp_path / "x.npy", tmp_path / "p.npy"
-    np.save(inp, batch)
-    res = subprocess.run(
-        [sys.executable, "-I", "-c", ORT_SCRIPT, str(onnx_path), str(inp), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr
-    return np.load(out), json.loads(res.stdout)
 
 
 def test_cli_export_runs_in_onnxruntime_alone_and_matches_predict(

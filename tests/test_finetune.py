@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from stackvision import load_model
+from stackvision import Runtime, load_model
 from stackvision.cli import main
 from stackvision.data import from_folder
 from stackvision.errors import StackvisionError
 from stackvision.finetune import FineTunedClassifier, backbone_blocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = Runtime(device="cpu")
 
 # The same settings for the CLI run and the API runs, so their histories must agree.
 SETTINGS = {
@@ -105,12 +106,12 @@ def test_resume_after_interruption(ft_dir, flowers_small, tmp_path):
         if record["epoch"] == 1:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C after epoch 1
 
-    first = FineTunedClassifier("lite0", work_dir=work, device="cpu", **SETTINGS)
+    first = FineTunedClassifier("lite0", work_dir=work, runtime=CPU, **SETTINGS)
     with pytest.raises(KeyboardInterrupt):
         first.fit(listing.paths, listing.labels, on_epoch_end=stop_after_first)
     assert os.path.isfile(os.path.join(work, "checkpoint.safetensors"))
 
-    again = FineTunedClassifier("lite0", work_dir=work, device="cpu", **SETTINGS)
+    again = FineTunedClassifier("lite0", work_dir=work, runtime=CPU, **SETTINGS)
     again.fit(listing.paths, listing.labels)
     assert again.resumed_from_epoch_ == 1
     (reference,) = json.loads((ft_dir / "history.json").read_text())
@@ -121,7 +122,7 @@ def test_resume_after_interruption(ft_dir, flowers_small, tmp_path):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3, abs=1e-4)
 
     # Other settings with the same work dir: refused, not silently mixed.
-    other = FineTunedClassifier("lite0", work_dir=work, device="cpu", **{**SETTINGS, "lr": 0.01})
+    other = FineTunedClassifier("lite0", work_dir=work, runtime=CPU, **{**SETTINGS, "lr": 0.01})
     with pytest.raises(StackvisionError, match="different training run"):
         other.fit(listing.paths, listing.labels)
 
@@ -130,7 +131,7 @@ def test_reload_in_another_process_predicts_identically(ft_dir, flowers_small):
     paths = sorted(str(p) for p in flowers_small.rglob("*.jpg"))[:6]
     here = load_model(str(ft_dir)).predict_proba(paths)
     code = (
-        "import json, sys; from stackvision import load_model; "
+        "import json, sys; from stackvision import Runtime, load_model; "
         "m = load_model(sys.argv[1]); "
         "print(json.dumps(m.predict_proba(sys.argv[2:]).tolist()))"
     )
@@ -152,7 +153,7 @@ def test_torch_module_matches_predict(ft_dir, flowers_small):
 
     model = load_model(str(ft_dir))
     paths = sorted(str(p) for p in flowers_small.rglob("*.jpg"))[:4]
-    pp = model.preprocess
+    pp = model.input_preprocess()
     batch = np.stack([pp.to_uint8(load_rgb(p, pp.resize_size)) for p in paths])
     assert batch.shape == (4, 64, 64, 3)
     with torch.no_grad():
@@ -167,7 +168,7 @@ def test_two_classes_sigmoid_and_bad_images_reported(flowers_small, tmp_path):
     (data / "tulip" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     listing = from_folder(str(data))
     model = FineTunedClassifier(
-        "lite0", head_epochs=2, epochs=0, input_size=64, batch_size=8, val_split=0.3, device="cpu"
+        "lite0", head_epochs=2, epochs=0, input_size=64, batch_size=8, val_split=0.3, runtime=CPU
     )
     model.fit(listing.paths, listing.labels)
     assert model.net_.fc.out_features == 1  # one sigmoid output for two classes
@@ -185,3 +186,49 @@ def test_bad_options_are_user_errors(flowers_small, tmp_path, capsys):
     assert main(["finetune", str(flowers_small), "--out", out, "--backbone", "nope", "-q"]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 2 and "Traceback" not in err
+
+
+@pytest.fixture()
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: faster on a shared machine, and the same numbers
+    yield
+    torch.set_num_threads(before)
+
+
+def test_phases_stop_cut_lr_and_resume_inside_phase_two(flowers_small, tmp_path, one_torch_thread):
+    """Regression for the switch to the shared TrainingLoop (histories, weights and predictions
+    were bit-identical before/after): each phase stops early and cuts its LR on its own, the best
+    weights span both; a run killed inside phase 2 resumes to the same weights."""
+    listing = from_folder(str(flowers_small))
+    kw = {**SETTINGS, "head_epochs": 6, "epochs": 5, "lr": 0.02, "patience": 1, "lr_patience": 0,
+          "augment": None}  # fmt: skip
+
+    def fit(work_dir=None, hook=None):
+        m = FineTunedClassifier("lite0", work_dir=work_dir, runtime=CPU, **kw)
+        return m.fit(listing.paths, listing.labels, on_epoch_end=hook)
+
+    full = fit()
+    assert [r["phase"] for r in full.history_] == ["head"] * 4 + ["finetune"] * 4
+    lrs = [0.02, 0.02, 0.02, 0.006, 0.002, 0.002, 0.002, 0.0006]
+    assert [r["lr"] for r in full.history_] == pytest.approx(lrs)
+    assert full.best_epoch_ == 6 and full.stopped_early_
+
+    def kill(record):
+        if record["epoch"] == 6:
+            raise KeyboardInterrupt
+
+    work = str(tmp_path / "work")
+    with pytest.raises(KeyboardInterrupt):
+        fit(work, kill)
+    again = fit(work)
+    assert again.resumed_from_epoch_ == 6
+
+    def strip(h):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+
+    assert strip(again.history_) == strip(full.history_)
+    for (k, a), b in zip(full.net_.state_dict().items(), again.net_.state_dict().values()):
+        assert torch.equal(a, b), k
+    # on_epoch_end returning True ends training: the fine-tuning phase does not start
+    assert [r["epoch"] for r in fit(hook=lambda r: True).history_] == [1]

@@ -18,7 +18,8 @@ from stackvision.data import from_folder
 from stackvision.ensemble import EnsembleClassifier
 from stackvision.errors import StackvisionError
 from stackvision.finetune import FineTunedClassifier
-from stackvision.model_schema import validate_tensors
+from stackvision.model_tensors import validate_tensors
+from stackvision.runtime import Runtime
 
 from .conftest import FLOWERS, ROOT, make_slice
 from .test_cli import run_cli
@@ -40,10 +41,11 @@ def models(flowers_small, cache_dir, tmp_path_factory):
     64 px, and their ensemble fitted on 4 held-out images per class."""
     root = tmp_path_factory.mktemp("modeldir")
     listing = from_folder(str(flowers_small))
-    stack = StackedClassifier(["lite0"], folds=2, cache_dir=cache_dir, device="cpu")
+    rt = Runtime(cache_dir=cache_dir, device="cpu")
+    stack = StackedClassifier(["lite0"], folds=2, runtime=rt)
     stack.fit(listing.paths, listing.labels)
     ft = FineTunedClassifier(
-        "lite0", head_epochs=1, epochs=0, input_size=64, batch_size=8, val_split=0.3, device="cpu"
+        "lite0", head_epochs=1, epochs=0, input_size=64, batch_size=8, val_split=0.3, runtime=rt
     )
     ft.fit(listing.paths, listing.labels)
     dirs = {
@@ -52,9 +54,7 @@ def models(flowers_small, cache_dir, tmp_path_factory):
     }
     held = make_slice(root / "heldout", FLOWERS, CLASSES, 4, offset=10)
     hl = from_folder(str(held))
-    ens = EnsembleClassifier(
-        [dirs["stack"], dirs["finetune"]], method="all", folds=2, cache_dir=cache_dir, device="cpu"
-    )
+    ens = EnsembleClassifier([dirs["stack"], dirs["finetune"]], method="all", folds=2, runtime=rt)
     ens.fit(hl.paths, hl.labels)
     dirs["ensemble"] = ens.save(str(root / "ensemble"), report=False)
     return dirs
@@ -367,7 +367,7 @@ def test_mlp_head_tensors_are_checked():
 MORE = [
     ("stack", lambda m: m.__setitem__("n_heads", True), '"n_heads" must be an integer >= 1, got true'),
     ("stack", lambda m: m.__setitem__("temperature", math.nan), '"temperature" must be a number > 0'),
-    ("stack", lambda m: m.__setitem__("folds", 1), '"folds" must be one of 0 or an integer >= 2'),
+    ("stack", lambda m: m.__setitem__("folds", 1), '"folds" must be 0 or an integer >= 2'),
     ("stack", lambda m: m["backbones"][0].__setitem__("feature_dim", "1280"), '"backbones[0].feature_dim"'),
     ("stack", lambda m: m["head"].__setitem__("kind", "svm"), '"head.kind" must be one of'),
     ("stack", lambda m: m.__setitem__("calibration", {}), '"calibration" must name'),

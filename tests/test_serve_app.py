@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 
 from stackvision import load_model
-from stackvision.cli import main
 from stackvision.export import prepare_images
 from stackvision.preprocess import Preprocess
 
-from .conftest import FLOWERS, make_slice
+from .conftest import FLOWER_CLASSES, KINDS
 from .serving_helpers import images_of
 
 pytest.importorskip("fastapi")
@@ -29,63 +28,7 @@ from fastapi.testclient import TestClient  # noqa: E402 - after the skips
 
 from stackvision.serve import Limits, create_app  # noqa: E402
 
-CLASSES = ["daisy", "sunflower", "tulip"]
 KEY = "app-key"
-
-
-@pytest.fixture(scope="module")
-def heldout(tmp_path_factory):
-    """3 flower classes x 4 images the models were not trained on (flowers_small is 0..9)."""
-    return make_slice(tmp_path_factory.mktemp("serve-heldout"), FLOWERS, CLASSES, 4, offset=10)
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("serve-kinds")
-
-
-def _train(data, out: Path, cache_dir: str, *extra: str) -> Path:
-    args = ["train", str(data), "--out", str(out), "--backbones", "lite0", "--folds", "2"]
-    assert main([*args, "--cache", cache_dir, "--device", "cpu", "-q", *extra]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def stack_dir(flowers_small, cache_dir, root):
-    return _train(flowers_small, root / "stack", cache_dir)
-
-
-@pytest.fixture(scope="module")
-def mlp_dir(flowers_small, cache_dir, root):
-    return _train(flowers_small, root / "mlp", cache_dir, "--head", "mlp")
-
-
-@pytest.fixture(scope="module")
-def ft_dir(flowers_small, root):
-    """Head-only fine-tuning, one epoch at 64 px: enough to have a model of that kind."""
-    out = root / "ft"
-    args = ["finetune", str(flowers_small), "--out", str(out), "--backbone", "lite0"]
-    args += ["--head-epochs", "1", "--epochs", "0", "--input-size", "64", "--batch-size", "8"]
-    assert main([*args, "--val-split", "0.3", "--device", "cpu", "-q"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def ens_dir(stack_dir, ft_dir, heldout, cache_dir, root):
-    out = root / "ens"
-    args = ["ensemble", str(stack_dir), str(ft_dir), "--data", str(heldout), "--out", str(out)]
-    # mean: both members count (the best-by-log-loss pick may weight one of them to zero)
-    assert main([*args, "--method", "mean", "--cache", cache_dir, "--device", "cpu", "-q"]) == 0
-    return out
-
-
-# param -> (model directory fixture, the kind /model reports)
-KINDS = {
-    "stack-logreg": ("stack_dir", "stack"),
-    "stack-mlp": ("mlp_dir", "stack"),
-    "finetune": ("ft_dir", "finetune"),
-    "ensemble": ("ens_dir", "ensemble"),
-}
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
@@ -121,7 +64,7 @@ def test_every_kind_is_served_like_forward_uint8(served, heldout):
         assert len(pred["top"]) == 2
         assert pred["top"][0]["class"] == model.classes_[int(np.argmax(row))]
         np.testing.assert_allclose(pred["top"][0]["probability"], row.max(), atol=1e-4)
-    assert info["kind"] == kind and info["classes"] == CLASSES
+    assert info["kind"] == kind and info["classes"] == FLOWER_CLASSES
     assert info["input"]["size"] == model.input_preprocess().input_size
     assert health["requests"]["images"] == len(paths)
     assert health["requests"]["server_errors"] == health["requests"]["client_errors"] == 0

@@ -2,8 +2,32 @@
 
 __version__ = "0.1.0"
 
-from .classifier import Predictions, StackedClassifier  # noqa: E402
 from .errors import StackvisionError  # noqa: E402
-from .models import load_model  # noqa: E402
 
-__all__ = ["StackedClassifier", "load_model", "Predictions", "StackvisionError", "__version__"]
+__all__ = [
+    "StackedClassifier",
+    "load_model",
+    "Predictions",
+    "Runtime",
+    "StackvisionError",
+    "__version__",
+]
+
+# The model classes import scikit-learn; load them on first use so `import stackvision.cli`
+# (every command line) stays quick.
+_LAZY = {
+    "StackedClassifier": "classifier",
+    "Predictions": "base",
+    "Runtime": "runtime",
+    "load_model": "models",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'stackvision' has no attribute {name!r}")

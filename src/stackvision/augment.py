@@ -173,13 +173,14 @@ def preview_grid(
     from PIL import Image, ImageDraw
 
     from .data import Problem
-    from .images import ImageDecodeError, load_rgb
+    from .decoding import decode_crop
+    from .images import ImageDecodeError
 
     gen = torch.Generator().manual_seed(seed)
     rows, problems = [], []
     for p in paths:
         try:
-            img = preprocess.to_uint8(load_rgb(p, preprocess.resize_size))
+            img = decode_crop(p, preprocess, channel_order="RGB")  # a picture: RGB
         except ImageDecodeError as exc:
             problems.append(Problem(p, exc.reason))
             continue

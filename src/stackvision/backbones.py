@@ -165,16 +165,12 @@ def resolve(name: str, weights: dict[str, str] | None = None) -> BackboneSpec:
             "check the path given with --weights NAME=PATH",
         )
     if key in _EMBEDDED:
-        arch = _EMBEDDED[key][0]
-        cfg, dim = _describe_timm(arch)
-        return BackboneSpec(
-            name=key,
-            architecture=arch,
-            source="file" if local else "embedded",
-            preprocess=Preprocess.from_timm_cfg(cfg),
-            feature_dim=dim,
-            weights_path=local or _embedded_path(key),
-            description=f"EfficientNet-{key.capitalize()} (ImageNet, embedded weights)",
+        return _spec(
+            key,
+            _EMBEDDED[key][0],
+            "file" if local else "embedded",
+            local or _embedded_path(key),
+            f"EfficientNet-{key.capitalize()} (ImageNet, embedded weights)",
         )
     if key in ALIASES:
         arch = ALIASES[key]
@@ -190,15 +186,20 @@ def resolve(name: str, weights: dict[str, str] | None = None) -> BackboneSpec:
             f"unknown timm model '{arch}' (from backbone '{raw}')",
             "check the name with timm.list_models() or 'stackvision backbones'",
         )
+    return _spec(key, arch, "file" if local else "timm", local, f"timm {arch}")
+
+
+def _spec(name: str, arch: str, source: str, weights_path, description: str) -> BackboneSpec:
+    """A registry record: timm's pretrained config of ``arch`` turned into our preprocessing."""
     cfg, dim = _describe_timm(arch)
     return BackboneSpec(
-        name=key,
+        name=name,
         architecture=arch,
-        source="file" if local else "timm",
+        source=source,
         preprocess=Preprocess.from_timm_cfg(cfg),
         feature_dim=dim,
-        weights_path=local,
-        description=f"timm {arch}",
+        weights_path=weights_path,
+        description=description,
     )
 
 
@@ -269,6 +270,11 @@ def build_model(spec: BackboneSpec, pool: str = "avg"):
             f"could not load weights for backbone '{spec.name}' ({spec.architecture}): {exc}",
             "check that the checkpoint was saved from this architecture",
         ) from None
+    return frozen(model)
+
+
+def frozen(model):
+    """``model`` in eval mode with every parameter frozen (inference only)."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

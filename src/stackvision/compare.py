@@ -24,13 +24,13 @@ def compare_table(model) -> list[dict]:
     """
     feats = model._features_cache
     y = model._feature_y  # labels of every usable training image, aligned with feats
-    splits = getattr(model, "splits_", None) or kfold_splits(y, 5, model.seed)
+    splits = model.splits_ or kfold_splits(y, 5, model.seed)
     names = [s.name for s in model.specs_]
     configs = [[n] for n in names] + ([names] if len(names) > 1 else [])
     view_opts = [1, 2] if len(feats.views) == 2 else [1]
     cw = None if model.class_weight in (None, "none") else model.class_weight
     n_classes = len(model.classes_)
-    val = getattr(model, "_val_data", None)
+    val = model._val_data
     rows = []
     for cfg in configs:
         X = feats.stacked(cfg)

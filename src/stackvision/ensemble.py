@@ -23,7 +23,7 @@ The ensemble's model directory is self-contained: each member's directory is cop
 
 from __future__ import annotations
 
-import datetime as _dt
+import numbers
 import os
 import shutil
 from collections.abc import Sequence
@@ -31,91 +31,61 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import __version__
-from .classifier import Predictions
+from .base import ModelBase, Predictions, largest_input
+from .ensemble_methods import (
+    METHODS,
+    apply_method,
+    as_array,
+    combine_mean,
+    combine_stacked,
+    combine_weighted,
+    ensemble_module,
+    fit_method,
+    fit_stacked,
+    fit_weights,
+)
 from .errors import StackvisionError
-from .heads import LogRegHead, softmax
+from .heads import LogRegHead
 from .metrics import classification_metrics, log_loss, summary_row
-from .model_dir import read_manifest, read_tensors, write_model_dir
-from .models import PredictMixin
+from .model_dir import read_manifest, read_tensors
+from .params import Interval, InvalidParameter, Options
+from .preprocess import Preprocess
+from .runtime import Runtime
 
-METHODS = ("mean", "weighted", "stacked")
-STACKED_C_GRID = (0.01, 0.1, 1.0)
-_EPS = 1e-6
-
-
-# ---------------------------------------------------------------------- combiners (numpy)
-def _as_array(P: Sequence[np.ndarray]) -> np.ndarray:
-    return np.stack([np.asarray(p, np.float64) for p in P])  # (K, N, C)
-
-
-def combine_mean(P: np.ndarray) -> np.ndarray:
-    return P.mean(axis=0)
-
-
-def combine_weighted(P: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return np.tensordot(w, P, axes=1)
-
-
-def fit_weights(P: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Member weights (softmax-parametrised, so positive and summing to 1) minimising log loss."""
-    from scipy.optimize import minimize
-
-    K = P.shape[0]
-    py = np.clip(P[:, np.arange(len(y)), y], 1e-15, 1.0)  # (K, N): each member's p(true class)
-
-    def f(a):
-        w = softmax(a[None])[0]
-        mix = np.clip(w @ py, 1e-15, None)
-        loss = -np.mean(np.log(mix))
-        # d loss / d w_k = -mean(py_k / mix); chain rule through the softmax.
-        gw = -np.mean(py / mix, axis=1)
-        ga = w * (gw - w @ gw)
-        return loss, ga
-
-    r = minimize(f, np.zeros(K), jac=True, method="L-BFGS-B")
-    return softmax(r.x[None])[0]
-
-
-def _stack_inputs(P: np.ndarray) -> np.ndarray:
-    K, N, C = P.shape
-    return np.log(np.clip(P, _EPS, 1.0)).transpose(1, 0, 2).reshape(N, K * C).astype(np.float32)
-
-
-def fit_stacked(P: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0) -> LogRegHead:
-    """The dense-layer combiner on concatenated log-probabilities; C by inner 3-fold CV."""
-    from .validation import kfold_splits
-
-    Z = _stack_inputs(P)
-    counts = np.bincount(y, minlength=n_classes)
-    best_c = STACKED_C_GRID[len(STACKED_C_GRID) // 2]
-    k = int(min(3, counts[counts > 0].min()))
-    if k >= 2 and len(STACKED_C_GRID) > 1:
-        splits = kfold_splits(y, k, seed)
-        scores = []
-        for c in STACKED_C_GRID:
-            oof = np.zeros((len(y), n_classes))
-            for tr, va in splits:
-                h = LogRegHead(C=c, max_iter=500).fit(Z[tr], y[tr], n_classes)
-                oof[va] = h.predict_proba(Z[va])
-            scores.append(log_loss(y, oof))
-        best_c = STACKED_C_GRID[int(np.argmin(scores))]
-    return LogRegHead(C=best_c, max_iter=500).fit(Z, y, n_classes)
-
-
-def combine_stacked(P: np.ndarray, head: LogRegHead) -> np.ndarray:
-    return head.predict_proba(_stack_inputs(P)).astype(np.float64)
+__all__ = [
+    "METHODS",
+    "EnsembleClassifier",
+    "combine_mean",
+    "combine_stacked",
+    "combine_weighted",
+    "fit_stacked",
+    "fit_weights",
+]
 
 
 # ---------------------------------------------------------------------- the model
-class EnsembleClassifier(PredictMixin):
+class EnsembleClassifier(ModelBase):
     """Saved models of any kind combined by ``mean``, ``weighted`` or ``stacked`` (see module doc).
 
-    ``members``: model directories (or loaded models that have a ``save``). ``method``: one of
-    :data:`METHODS`, or ``"all"`` to fit every method and keep the one with the lowest out-of-fold
-    log loss. ``runtime`` options (cache_dir, device, batch_size, ...) go to the members.
+    ``members``: model directories, or fitted models (``clone`` of an ensemble gives unfitted
+    copies of member objects, as scikit-learn does: pass directories to use it in
+    ``GridSearchCV``). ``method``: one of :data:`METHODS`, or ``"all"`` to fit every method and
+    keep the one with the lowest out-of-fold log loss. ``weights`` (backbone name -> file) and
+    ``runtime`` go to the members loaded from directories.
     """
 
     kind = "ensemble"
+    _fitted_attribute = "method_"
+    _parameter_constraints = {
+        "members": [list, tuple],
+        "method": [Options([*METHODS, "all"])],
+        "folds": [Interval(numbers.Integral, 2, None)],
+        "seed": [Interval(numbers.Integral, 0, None)],
+        "weights": [dict, None],
+        "runtime": [Runtime, None],
+    }
+    _parameter_fixes = {"folds": "e.g. 5", "members": "pass two or more model directories"}
+    metrics_: dict | None = None
 
     def __init__(
         self,
@@ -124,33 +94,40 @@ class EnsembleClassifier(PredictMixin):
         method: str = "all",
         folds: int = 5,
         seed: int = 0,
-        **runtime,
+        weights: dict[str, str] | None = None,
+        runtime: Runtime | None = None,
     ):
-        self.members = list(members or [])
+        self.members = members
         self.method = method
         self.folds = folds
         self.seed = seed
+        self.weights = weights
         self.runtime = runtime
+
+    def _check_params(self) -> None:
+        bad = [m for m in self.members if not isinstance(m, str | os.PathLike | ModelBase)]
+        if len(self.members) < 2 or bad:
+            raise InvalidParameter(
+                "members", bad[0] if bad else len(self.members),
+                "two or more model directories or fitted stackvision models",
+                "pass two or more model directories", type(self).__name__,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ members
     def _load_members(self) -> None:
         from .models import load_model
 
-        if len(self.members) < 2:
-            raise StackvisionError(
-                f"an ensemble needs at least two models, got {len(self.members)}",
-                "pass two or more model directories",
-            )
         self.members_, self.member_dirs_, self.member_names_ = [], [], []
         for m in self.members:
-            if isinstance(m, str | os.PathLike):
-                model = load_model(str(m), **self.runtime)
-                self.member_dirs_.append(os.path.abspath(str(m)))
-                self.member_names_.append(os.path.basename(os.path.abspath(str(m))))
-            else:
+            if isinstance(m, ModelBase):
+                m.check_is_fitted()
                 model = m
                 self.member_dirs_.append(None)
-                self.member_names_.append(f"{getattr(model, 'kind', 'stack')}{len(self.members_)}")
+                self.member_names_.append(f"{model.kind}{len(self.members_)}")
+            else:
+                model = load_model(str(m), self.runtime, weights=self.weights)
+                self.member_dirs_.append(os.path.abspath(str(m)))
+                self.member_names_.append(os.path.basename(os.path.abspath(str(m))))
             self.members_.append(model)
         # Unique names for the table and the members/ folder.
         seen: dict[str, int] = {}
@@ -168,6 +145,10 @@ class EnsembleClassifier(PredictMixin):
                     "ensemble only models trained on the same class names",
                 )
         self.classes_ = sorted(first)
+        self._set_columns()
+
+    def _set_columns(self) -> None:
+        """Each member's probability columns in ``classes_`` order."""
         self._columns = [
             np.asarray([list(m.classes_).index(c) for c in self.classes_]) for m in self.members_
         ]
@@ -190,39 +171,15 @@ class EnsembleClassifier(PredictMixin):
             P.append(
                 pr.proba[[row[p] for p in paths]][:, cols] if paths else np.zeros((0, len(cols)))
             )
-        return paths, _as_array(P), problems
+        return paths, as_array(P), problems
 
     # ------------------------------------------------------------------ fit
-    def _fit_method(self, method: str, P: np.ndarray, y: np.ndarray, seed: int):
-        if method == "mean":
-            return None
-        if method == "weighted":
-            return fit_weights(P, y)
-        return fit_stacked(P, y, len(self.classes_), seed)
-
-    def _apply(self, method: str, P: np.ndarray, fitted) -> np.ndarray:
-        if method == "mean":
-            return combine_mean(P)
-        if method == "weighted":
-            return combine_weighted(P, fitted)
-        return combine_stacked(P, fitted)
 
     def fit(self, X: Sequence[str], y: Sequence):
         """Fit the combiners on held-out images ``X`` with labels ``y`` (see the module doc)."""
-        if self.method not in (*METHODS, "all"):
-            raise StackvisionError(
-                f"unknown ensemble method '{self.method}'", f"use {', '.join(METHODS)} or all"
-            )
-        if not isinstance(self.folds, int) or self.folds < 2:
-            raise StackvisionError(
-                f"--folds must be at least 2, got {self.folds}", "e.g. --folds 5"
-            )
+        self._validate_params()
+        X, y = self._labelled(X, y)
         self._load_members()
-        X, y = list(X), [str(v) for v in y]
-        if len(X) != len(y):
-            raise StackvisionError(
-                f"{len(X)} images but {len(y)} labels", "give one label per image"
-            )
         unknown = sorted(set(y) - set(self.classes_))
         if unknown:
             raise StackvisionError(
@@ -251,7 +208,7 @@ class EnsembleClassifier(PredictMixin):
             rows.append(
                 {
                     "model": name,
-                    "kind": getattr(self.members_[len(rows)], "kind", "stack"),
+                    "kind": self.members_[len(rows)].kind,
                     "scored": "directly",
                     **summary_row(m),
                 }
@@ -263,8 +220,10 @@ class EnsembleClassifier(PredictMixin):
             else:
                 proba = np.zeros((len(yk), len(self.classes_)))
                 for fi, (tr, va) in enumerate(splits):
-                    fitted = self._fit_method(method, P[:, tr], yk[tr], self.seed + fi)
-                    proba[va] = self._apply(method, P[:, va], fitted)
+                    fitted = fit_method(
+                        method, P[:, tr], yk[tr], len(self.classes_), self.seed + fi
+                    )
+                    proba[va] = apply_method(method, P[:, va], fitted)
                 how = f"{folds}-fold out-of-fold"
             oof[method] = proba
             m = classification_metrics(yk, proba, self.classes_)
@@ -276,8 +235,7 @@ class EnsembleClassifier(PredictMixin):
             if self.method == "all"
             else self.method
         )
-        self.method_ = chosen
-        self.fitted_ = {k: self._fit_method(k, P, yk, self.seed) for k in methods}
+        self.fitted_ = {k: fit_method(k, P, yk, len(self.classes_), self.seed) for k in methods}
         self.table_ = rows
         self.eval_ = (paths, yk, oof[chosen])
         self.metrics_ = {
@@ -286,115 +244,98 @@ class EnsembleClassifier(PredictMixin):
             **classification_metrics(yk, oof[chosen], self.classes_),
             "table": rows,
         }
+        self.manifest_ = None
+        self.method_ = chosen
         return self
 
     # ------------------------------------------------------------------ predict
-    def _check_fitted(self):
-        if not hasattr(self, "method_"):
-            raise StackvisionError(
-                "this EnsembleClassifier is not fitted yet",
-                "call fit() or EnsembleClassifier.load()",
-            )
-
     @property
     def weights_(self) -> np.ndarray | None:
+        """The fitted member weights of the ``weighted`` method (None when not fitted)."""
+        self.check_is_fitted()
         w = self.fitted_.get("weighted")
         return None if w is None else np.asarray(w)
 
-    def predict_paths(self, X: Sequence[str], method: str | None = None) -> Predictions:
-        """Combined probabilities for the images every member could use; others in ``problems``."""
-        self._check_fitted()
+    def _combine(self, P: np.ndarray, method: str | None = None) -> np.ndarray:
         method = method or self.method_
         if method != "mean" and method not in self.fitted_:
             raise StackvisionError(
                 f"method '{method}' was not fitted for this ensemble",
                 f"use one of: mean, {', '.join(self.fitted_)}",
             )
+        if P.shape[1] == 0:
+            return np.zeros((0, len(self.classes_)))
+        return apply_method(method, P, self.fitted_.get(method))
+
+    def predict_paths(self, X: Sequence[str], method: str | None = None) -> Predictions:
+        """Combined probabilities for the images every member could use; others in ``problems``.
+        ``method``: another fitted method than the chosen ``method_``."""
+        self.check_is_fitted()
         paths, P, problems = self._member_probas(X)
-        proba = (
-            self._apply(method, P, self.fitted_.get(method))
-            if paths
-            else np.zeros((0, len(self.classes_)))
-        )
-        return Predictions(paths, proba, list(self.classes_), problems)
+        return Predictions(paths, self._combine(P, method), list(self.classes_), problems)
 
     def member_probas(self, X: Sequence[str]):
         """(paths, (K, N, C) probabilities of each member in ``classes_`` order, problems)."""
-        self._check_fitted()
+        self.check_is_fitted()
         return self._member_probas(X)
 
+    # ------------------------------------------------------------------ fixed-size input (export, serving)
+    def input_preprocess(self) -> Preprocess:
+        """The uint8 input of :meth:`forward_uint8` and the export: the preprocessing of the
+        member with the largest input size (RGB order). Members with a smaller input get their
+        own size inside the model by a fixed antialiased resize
+        (:func:`stackvision.export.resize_uint8`), as a stack's smaller backbones do."""
+        self.check_is_fitted()
+        return largest_input([m.input_preprocess() for m in self.members_])
+
+    def forward_uint8(self, batch: np.ndarray) -> np.ndarray:
+        """Combined calibrated probabilities for a uint8 RGB batch (N, S, S, 3) made by
+        :func:`stackvision.export.prepare_image` (S = ``input_preprocess().input_size``)."""
+        from .export import check_uint8_batch, resize_uint8
+
+        self.check_is_fitted()
+        batch = check_uint8_batch(batch, self.input_preprocess().input_size)
+        P = []
+        for m, cols in zip(self.members_, self._columns):
+            pp = m.input_preprocess()
+            P.append(m.forward_uint8(resize_uint8(batch, pp.input_size, pp.interpolation))[:, cols])
+        return self._combine(as_array(P))
+
     def to_torch_module(self):
-        """uint8 (N, S, S, 3) -> (N, C) probabilities of the chosen method, for export.
+        """:meth:`forward_uint8` as one ``torch.nn.Module``: every member's module (after the
+        in-graph resize to its input size), its columns in ``classes_`` order, the combiner."""
+        from .export import ResizeUint8
 
-        Possible when every member offers ``to_torch_module`` and all members take the same
-        pixels (same input size, crop and interpolation; normalisation may differ, it is inside
-        each member's module). Input contract: as each member's (see
-        :meth:`FineTunedClassifier.to_torch_module`), with S = ``self.input_size_``.
-        """
-        import torch
-        import torch.nn as nn
+        self.check_is_fitted()
+        size = self.input_preprocess().input_size
+        subs = []
+        for m in self.members_:
+            pp = m.input_preprocess()
+            subs.append((ResizeUint8(size, pp.input_size, pp.interpolation), m.to_torch_module()))
+        return ensemble_module(subs, self._columns, self.method_, self.fitted_.get(self.method_))
 
-        self._check_fitted()
-        subs, pps = [], []
-        for name, m in zip(self.member_names_, self.members_):
-            if not hasattr(m, "to_torch_module"):
-                raise StackvisionError(
-                    f"member '{name}' ({getattr(m, 'kind', 'stack')}) cannot be exported as one "
-                    "torch module",
-                    "export the members separately, or ensemble only fine-tuned models",
-                )
-            subs.append(m.to_torch_module())
-            pps.append(getattr(m, "preprocess", None))
-        sig = {
-            (p.input_size, p.crop_pct, p.crop_mode, p.interpolation, p.channel_order)
-            for p in pps
-            if p is not None
+    def describe(self) -> dict:
+        """What serving shows at GET /model: kind, classes, method, member weights, each
+        member's description, the backbones of all members, metrics, versions."""
+        self.check_is_fitted()
+        members = [{"name": n, **m.describe()} for n, m in zip(self.member_names_, self.members_)]
+        manifest = self.manifest_ or {}
+        return {
+            "kind": self.kind,
+            "classes": list(self.classes_),
+            "method": self.method_,
+            "member_weights": None if self.weights_ is None else self.weights_.tolist(),
+            "members": members,
+            "backbones": [b for m in members for b in m.get("backbones") or []],
+            "metrics": summary_row(self.metrics_) if self.metrics_ else manifest.get("metrics"),
+            "created": manifest.get("created"),
+            "stackvision_version": manifest.get("stackvision_version", __version__),
         }
-        if len(sig) != 1 or any(p is None for p in pps):
-            raise StackvisionError(
-                "the members need different input pixels (input size / crop differ), so one "
-                "module cannot take a single uint8 batch for all",
-                "fine-tune the members with the same backbone input size, or export them separately",
-            )
-        self.input_size_ = pps[0].input_size
-        self.preprocess = pps[0]
-        method, fitted = self.method_, self.fitted_.get(self.method_)
-        cols = [torch.as_tensor(c, dtype=torch.long) for c in self._columns]
-
-        class EnsembleExport(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.members = nn.ModuleList(subs)
-                for k, c in enumerate(cols):
-                    self.register_buffer(f"cols{k}", c)
-                if method == "weighted":
-                    self.register_buffer("w", torch.as_tensor(fitted, dtype=torch.float32))
-                if method == "stacked":
-                    self.register_buffer("mean", torch.as_tensor(fitted.mean_))
-                    self.register_buffer("scale", torch.as_tensor(fitted.scale_))
-                    self.register_buffer("W", torch.as_tensor(fitted.coef_))
-                    self.register_buffer("b", torch.as_tensor(fitted.intercept_))
-
-            def forward(self, x):
-                P = torch.stack(
-                    [m(x)[:, getattr(self, f"cols{k}")] for k, m in enumerate(self.members)]
-                )
-                if method == "mean":
-                    return P.mean(0)
-                if method == "weighted":
-                    return (self.w.view(-1, 1, 1) * P).sum(0)
-                z = torch.log(torch.clamp(P, _EPS, 1.0)).permute(1, 0, 2).reshape(P.shape[1], -1)
-                return torch.softmax(((z - self.mean) / self.scale) @ self.W.T + self.b, dim=1)
-
-        return EnsembleExport().eval()
 
     # ------------------------------------------------------------------ persistence
     def _manifest(self, member_entries: list[dict]) -> dict:
         return {
-            "kind": self.kind,
-            "stackvision_version": __version__,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "classes": list(self.classes_),
+            **self._manifest_head(),
             "method": self.method_,
             "methods_fitted": ["mean", *[k for k in self.fitted_ if k != "mean"]],
             "members": member_entries,
@@ -408,18 +349,18 @@ class EnsembleClassifier(PredictMixin):
             ),
             "folds": self.folds,
             "seed": self.seed,
-            "metrics": summary_row(self.metrics_) if getattr(self, "metrics_", None) else None,
+            "metrics": summary_row(self.metrics_) if self.metrics_ else None,
         }
 
     def save(self, path: str, *, report: bool = True) -> str:
         """Write the ensemble directory, with a copy of every member under ``members/``."""
-        self._check_fitted()
+        self.check_is_fitted()
         entries = []
         for i, (name, m) in enumerate(zip(self.member_names_, self.members_)):
             entries.append(
                 {
                     "name": name,
-                    "kind": getattr(m, "kind", "stack"),
+                    "kind": m.kind,
                     "dir": f"members/{i:02d}-{name}",
                 }
             )
@@ -431,14 +372,6 @@ class EnsembleClassifier(PredictMixin):
                 tensors[f"stacked.{k}"] = np.asarray(v, np.float32)
         if not tensors:
             tensors["mean.placeholder"] = np.zeros(1, np.float32)  # safetensors needs one array
-        files: dict = {"history.json": []}
-        metrics = getattr(self, "metrics_", None)
-        if metrics:
-            files["metrics.json"] = {
-                **metrics,
-                "problems": [p.__dict__ for p in getattr(self, "problems_", [])],
-            }
-            files["comparison.json"] = self.table_
 
         def add(tmp):
             for entry, src, m in zip(entries, self.member_dirs_, self.members_):
@@ -447,29 +380,27 @@ class EnsembleClassifier(PredictMixin):
                     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".tmp-*"))
                 else:
                     m.save(dst)
-            if report and metrics and getattr(self, "eval_", None):
-                from .report import write_report
 
-                paths, y, proba = self.eval_
-                write_report(
-                    os.path.join(tmp, "report"),
-                    metrics,
-                    paths,
-                    y,
-                    proba,
-                    self.classes_,
-                    problems=getattr(self, "problems_", []),
-                    title=f"stackvision ensemble ({self.method_}): {', '.join(self.member_names_)}",
-                )
-
-        out = write_model_dir(path, self._manifest(entries), tensors, files, add)
+        out = self._write_dir(
+            path,
+            self._manifest(entries),
+            tensors,
+            histories=[],
+            title=f"stackvision ensemble ({self.method_}): {', '.join(self.member_names_)}",
+            report=report,
+            files={"comparison.json": self.table_} if self.metrics_ else None,
+            extra=add,
+        )
         # From now on the members live inside the ensemble directory.
         self.member_dirs_ = [os.path.join(out, e["dir"]) for e in entries]
         return out
 
     @classmethod
-    def load(cls, path: str, **runtime) -> EnsembleClassifier:
-        """Load an ensemble directory and its members (``runtime`` goes to every member)."""
+    def load(
+        cls, path: str, runtime: Runtime | None = None, *, weights: dict[str, str] | None = None
+    ) -> EnsembleClassifier:
+        """Load an ensemble directory and its members (``runtime`` and ``weights`` go to every
+        member)."""
         from .models import load_model
 
         manifest = read_manifest(path)
@@ -478,28 +409,26 @@ class EnsembleClassifier(PredictMixin):
                 f"{path} holds a '{manifest.get('kind', 'stack')}' model, not an ensemble",
                 "use stackvision.load_model()",
             )
+        dirs = [os.path.abspath(os.path.join(path, e["dir"])) for e in manifest["members"]]
         model = cls(
+            dirs,
             method=manifest["method"],
             folds=manifest.get("folds", 5),
             seed=manifest.get("seed", 0),
-            **runtime,
+            weights=weights,
+            runtime=runtime,
         )
         tensors = read_tensors(path, manifest)  # validated before loading the members
-        model.members_, model.member_dirs_, model.member_names_ = [], [], []
-        for e in manifest["members"]:
-            d = os.path.join(path, e["dir"])
+        for d in dirs:
             if not os.path.isdir(d):
                 raise StackvisionError(
                     f"ensemble member missing: {d}",
                     "the ensemble directory is incomplete; rebuild it",
                 )
-            model.members_.append(load_model(d, **runtime))
-            model.member_dirs_.append(os.path.abspath(d))
-            model.member_names_.append(e["name"])
+        model.members_ = [load_model(d, runtime, weights=weights) for d in dirs]
+        model.member_dirs_, model.member_names_ = dirs, [e["name"] for e in manifest["members"]]
         model.classes_ = list(manifest["classes"])
-        model._columns = [
-            np.asarray([list(m.classes_).index(c) for c in model.classes_]) for m in model.members_
-        ]
+        model._set_columns()
         model.fitted_ = {"mean": None}
         if "weighted.w" in tensors:
             model.fitted_["weighted"] = tensors["weighted.w"].astype(np.float64)
@@ -507,7 +436,7 @@ class EnsembleClassifier(PredictMixin):
         if state:
             C = (manifest.get("stacked") or {}).get("C", 1.0)
             model.fitted_["stacked"] = LogRegHead(C=C, max_iter=500).load_state(state)
-        model.method_ = manifest["method"]
         model.manifest_ = manifest
-        model.metrics_ = None
+        model.metrics_, model.eval_, model.problems_, model.table_ = None, None, [], []
+        model.method_ = manifest["method"]
         return model

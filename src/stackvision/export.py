@@ -3,19 +3,20 @@
 The input contract (also written into the ONNX metadata as ``stackvision.input``):
 
 * ``image``: uint8, shape (N, S, S, 3), RGB, NHWC. S is the model's input size: the largest input
-  size among its backbones (``model.input_preprocess().input_size``).
+  size among its backbones, or an ensemble's members (``model.input_preprocess().input_size``).
 * The image is made by :func:`prepare_image`: decode to RGB (EXIF orientation applied), resize the
   short side to ``floor(S / crop_pct)`` with the named PIL interpolation, centre-crop S x S.
-* Inside the graph every backbone whose own input size s is smaller than S gets an s x s copy made
+* Inside the graph every backbone (ensemble member) whose own input size s is smaller than S gets an s x s copy made
   by a fixed antialiased separable resize (PIL-style bicubic weights as constant float64 matrices,
   rounded back to 0..255, :func:`resize_uint8`), then its own mean/std normalisation. Flip TTA, every fold
   head, fold averaging and temperature scaling follow; the output ``probabilities`` (N, C) is in the
   order of the class names in the metadata (``stackvision.classes``).
 
-Every model kind that exports provides ``input_preprocess()`` (the :class:`Preprocess` of its
-input) and ``to_torch_module()`` (an ``nn.Module`` mapping the uint8 batch to probabilities);
-:func:`export_onnx` only calls those two, so feature stacks, fine-tuned models and ensembles all
-go through the same code. ``forward_uint8(batch)`` on the model gives the library's own
+Every model kind implements the contract of :class:`stackvision.base.ModelBase`, which includes
+``input_preprocess()`` (the :class:`Preprocess` of its input) and ``to_torch_module()`` (an
+``nn.Module`` mapping the uint8 batch to probabilities); :func:`export_onnx` only calls those
+(and ``describe()`` for the metadata), so feature stacks, fine-tuned models and ensembles all go
+through the same code. ``forward_uint8(batch)`` on the model gives the library's own
 answer for the same input, which is what the exported graph is checked against.
 """
 
@@ -50,13 +51,19 @@ OPSET_CONSTRAINT = [Interval(numbers.Integral, MIN_OPSET, MAX_OPSET)]
 def _preprocess_of(model_or_pp) -> Preprocess:
     if isinstance(model_or_pp, Preprocess):
         return model_or_pp
-    fn = getattr(model_or_pp, "input_preprocess", None)
-    if fn is None:
+    return _check_model(model_or_pp).input_preprocess()
+
+
+def _check_model(model):
+    from .base import ModelBase
+
+    if not isinstance(model, ModelBase):
         raise StackvisionError(
-            f"a {type(model_or_pp).__name__} has no fixed-size input (no input_preprocess())",
-            "pass a stackvision model or a Preprocess",
+            f"a {type(model).__name__} cannot be exported or prepared for: it is not a "
+            "stackvision model",
+            "pass a model from stackvision.load_model() (any kind), or a Preprocess",
         )
-    return fn()
+    return model
 
 
 def prepare_image(image, model_or_pp) -> np.ndarray:
@@ -66,22 +73,9 @@ def prepare_image(image, model_or_pp) -> np.ndarray:
     ``input_preprocess()``) or a :class:`Preprocess`. Raises :class:`ImageDecodeError` for an
     unreadable image.
     """
-    from PIL import Image
+    from .decoding import decode_crop
 
-    from .images import decode, load_rgb
-
-    pp = _preprocess_of(model_or_pp)
-    if pp.channel_order != "RGB":
-        from dataclasses import replace
-
-        pp = replace(pp, channel_order="RGB")
-    if isinstance(image, Image.Image):
-        img = image if image.mode == "RGB" else image.convert("RGB")
-    elif isinstance(image, bytes | bytearray | memoryview):
-        img = decode(bytes(image), min_side=pp.resize_size)
-    else:
-        img = load_rgb(os.fspath(image), min_side=pp.resize_size)
-    return pp.to_uint8(img)
+    return decode_crop(image, _preprocess_of(model_or_pp), channel_order="RGB")
 
 
 def prepare_images(images, model_or_pp) -> np.ndarray:
@@ -190,25 +184,23 @@ def _torch_module_class():
         """uint8 RGB (N, S, S, 3) -> calibrated probabilities (N, C) of a feature stack."""
 
         def __init__(self, backbones, head_states, n_views, temperature, input_size):
+            from .preprocess import Normalize
+
             super().__init__()
             self.input_size = int(input_size)
             self.n_views = int(n_views)
             self.temperature = float(temperature)
             self.backbones = nn.ModuleList([m for _, m in backbones])
-            self._bb = []
+            # RGB input: a BGR backbone gets its pixels reversed and its own statistics
+            self.normalize = nn.ModuleList([Normalize(s.preprocess, "RGB") for s, _ in backbones])
+            self._resize = []
             for k, (spec, _) in enumerate(backbones):
                 pp = spec.preprocess
-                self.register_buffer(
-                    f"mean{k}", torch.tensor(pp.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-                )
-                self.register_buffer(
-                    f"std{k}", torch.tensor(pp.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-                )
                 resize = pp.input_size != self.input_size
                 if resize:
                     m = resize_matrix(self.input_size, pp.input_size, pp.interpolation)
                     self.register_buffer(f"resize{k}", torch.from_numpy(m.copy()))
-                self._bb.append((resize, pp.channel_order == "BGR"))
+                self._resize.append(resize)
             self._heads = []
             for h, st in enumerate(head_states):
                 if "weight" in st:
@@ -231,22 +223,18 @@ def _torch_module_class():
                 x = torch.cat([x, x.flip(3)], 0)
             feats = []
             for k, model in enumerate(self.backbones):
-                resize, bgr = self._bb[k]
                 xi = x
-                if resize:
-                    m = getattr(self, f"resize{k}")
+                if self._resize[k]:
+                    m = self.get_buffer(f"resize{k}")
                     xi = torch.matmul(torch.matmul(m, xi.to(torch.float64)), m.t())
                     xi = torch.clamp(torch.round(xi), 0, 255).to(torch.float32)
-                if bgr:
-                    xi = xi.flip(1)
-                xi = (xi - getattr(self, f"mean{k}")) / getattr(self, f"std{k}")
-                feats.append(model(xi))
+                feats.append(model(self.normalize[k].standardize(xi)))
             f = torch.cat(feats, 1)
             probs = None
             for h, n_layers in enumerate(self._heads):
-                z = (f - getattr(self, f"h{h}_mean")) / getattr(self, f"h{h}_scale")
+                z = (f - self.get_buffer(f"h{h}_mean")) / self.get_buffer(f"h{h}_scale")
                 for i in range(n_layers):
-                    w, b = getattr(self, f"h{h}_w{i}"), getattr(self, f"h{h}_b{i}")
+                    w, b = self.get_buffer(f"h{h}_w{i}"), self.get_buffer(f"h{h}_b{i}")
                     z = torch.matmul(z, w.t()) + b
                     if i < n_layers - 1:
                         z = torch.relu(z)
@@ -262,6 +250,31 @@ def _torch_module_class():
     return StackModule
 
 
+def ResizeUint8(src: int, dst: int, interpolation: str = "bicubic"):  # noqa: N802 - a factory
+    """A ``torch.nn.Module``: uint8 NHWC (N, src, src, 3) -> uint8 NHWC (N, dst, dst, 3) by the
+    same float64 matrices as :func:`resize_uint8` (identity when ``src == dst``)."""
+    import torch
+    from torch import nn
+
+    class ResizeModule(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.resize = src != dst
+            if self.resize:
+                m = resize_matrix(src, dst, interpolation)
+                self.register_buffer("m", torch.from_numpy(m.copy()))
+
+        def forward(self, x):
+            if not self.resize:
+                return x
+            y = x.permute(0, 3, 1, 2).to(torch.float64)
+            y = torch.matmul(torch.matmul(self.m, y), self.m.t())
+            y = torch.clamp(torch.round(y), 0, 255).to(torch.uint8)
+            return y.permute(0, 2, 3, 1)
+
+    return ResizeModule().eval()
+
+
 def StackModule(*args, **kwargs):  # noqa: N802 - a factory that reads like the class it builds
     """Build the torch module of a feature stack (torch is imported only when needed)."""
     return _torch_module_class()(*args, **kwargs)
@@ -269,7 +282,7 @@ def StackModule(*args, **kwargs):  # noqa: N802 - a factory that reads like the 
 
 # ---------------------------------------------------------------------- ONNX
 def _metadata(model) -> dict[str, str]:
-    desc = model.describe() if hasattr(model, "describe") else {}
+    desc = model.describe()
     return {
         "stackvision.classes": json.dumps(list(model.classes_)),
         "stackvision.input": json.dumps(input_contract(model)),
@@ -290,14 +303,7 @@ def export_onnx(
     import torch
 
     validate_params({"opset": OPSET_CONSTRAINT}, {"opset": opset}, owner="export")
-
-    to_module = getattr(model, "to_torch_module", None)
-    if to_module is None or not hasattr(model, "input_preprocess"):
-        raise StackvisionError(
-            f"this {type(model).__name__} model cannot be exported to ONNX "
-            "(it has no to_torch_module()/input_preprocess())",
-            "export a feature stack, a fine-tuned model or an ensemble",
-        )
+    _check_model(model)
     try:
         import onnx
     except ImportError:
@@ -308,7 +314,7 @@ def export_onnx(
     if os.path.isdir(out):
         raise StackvisionError(f"--out is a folder: {out}", "give a file name, e.g. model.onnx")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    module = to_module().eval()
+    module = model.to_torch_module().eval()
     size = model.input_preprocess().input_size
     x = np.random.default_rng(seed).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     xt = torch.from_numpy(x)

@@ -25,15 +25,20 @@ import numpy as np
 
 from .atomic import atomic_dir, write_json
 from .errors import StackvisionError
-from .model_schema import inside, validate_manifest, validate_tensors
+from .model_schema import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, inside, validate_manifest
+from .model_tensors import validate_tensors
 from .outputs import is_ours
 
-__all__ = ["read_manifest", "read_tensors", "write_json", "write_model_dir"]
-
-FORMAT = "stackvision-model"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-WEIGHTS = "weights.safetensors"
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "WEIGHTS",
+    "read_manifest",
+    "read_tensors",
+    "write_json",
+    "write_model_dir",
+]
 
 
 def write_model_dir(
@@ -108,7 +113,7 @@ def read_manifest(path: str) -> dict:
             if isinstance(version, int) and version > FORMAT_VERSION
             else "retrain the model with this stackvision",
         )
-    validate_manifest(path, manifest, mpath)
+    validate_manifest(path, manifest, mpath, read_manifest)
     return manifest
 
 

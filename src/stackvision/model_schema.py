@@ -30,10 +30,14 @@ import os
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .errors import StackvisionError
 from .params import Interval, Options
+
+# The directory's layout: names every reader and writer share.
+FORMAT = "stackvision-model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
 
 DAMAGED = "the model directory is damaged; train or copy it again"
 OUTSIDE = "a model directory may refer only to files inside it; train or copy the model again"
@@ -199,15 +203,15 @@ CLASSES = ListOf(Text(), "a non-empty list of distinct non-empty strings", 1, Tr
 @functools.cache
 def manifest_tables() -> dict[str, Obj]:
     """kind -> the manifest's schema. Built on first use from the modules that own the values
-    (imported here, not at module level: those modules import :mod:`model_dir`)."""
+    (imported here, not at module level: the CLI reads manifests without importing them)."""
     from dataclasses import fields
 
     from .augment import Augment
     from .backbones import POOLS
-    from .classifier import TTA_MODES
     from .engines import PRECISIONS
-    from .ensemble import METHODS
+    from .ensemble_methods import METHODS
     from .heads import HEADS
+    from .validation import TTA_MODES
 
     rgb = ListOf(float, "a list of 3 numbers", 3, max_len=3)
     preprocess = Obj(  # Preprocess.from_dict(d) is Preprocess(**d)
@@ -346,9 +350,9 @@ def inside(root: str, rel, what: str, mpath: str) -> str:
 
 
 # ---------------------------------------------------------------------- manifest
-def validate_manifest(path: str, manifest: dict, mpath: str) -> None:
-    """Check a manifest whose format and version are already known to be readable."""
-    from .model_dir import WEIGHTS
+def validate_manifest(path: str, manifest: dict, mpath: str, read_member) -> None:
+    """Check a manifest whose format and version are already known to be readable;
+    ``read_member(dir)`` reads (and so checks) an ensemble member's manifest."""
 
     kind = manifest.get("kind", "stack")
     if not isinstance(kind, str):
@@ -361,10 +365,10 @@ def validate_manifest(path: str, manifest: dict, mpath: str) -> None:
         check(table, manifest)
     except Invalid as exc:
         raise StackvisionError(f"{mpath}: {exc}", DAMAGED) from None
-    _CROSS[kind](path, manifest, mpath)
+    _CROSS[kind](path, manifest, mpath, read_member)
 
 
-def _stack_cross(path: str, m: dict, mpath: str) -> None:
+def _stack_cross(path: str, m: dict, mpath: str, read_member) -> None:
     names = [b["name"] for b in m["backbones"]]
     if len(set(names)) != len(names):
         raise StackvisionError(f'{mpath}: "backbones" lists a backbone twice', DAMAGED)
@@ -376,7 +380,7 @@ def _stack_cross(path: str, m: dict, mpath: str) -> None:
         )
 
 
-def _finetune_cross(path: str, m: dict, mpath: str) -> None:
+def _finetune_cross(path: str, m: dict, mpath: str, read_member) -> None:
     output = m["head"].get("output")
     want = "sigmoid" if len(m["classes"]) == 2 else "softmax"
     if output is not None and output != want:
@@ -386,14 +390,12 @@ def _finetune_cross(path: str, m: dict, mpath: str) -> None:
         )
 
 
-def _ensemble_cross(path: str, m: dict, mpath: str) -> None:
-    from .model_dir import read_manifest
-
+def _ensemble_cross(path: str, m: dict, mpath: str, read_member) -> None:
     for i, e in enumerate(m["members"]):
         d = inside(path, e["dir"], f"members[{i}].dir", mpath)
         if not os.path.isdir(d):
             raise StackvisionError(f"ensemble member missing: {d}", DAMAGED)
-        sub = read_manifest(d)  # recursive: members are model directories
+        sub = read_member(d)  # recursive: members are model directories
         if "kind" in e and sub.get("kind", "stack") != e["kind"]:
             raise StackvisionError(
                 f"{mpath}: member {e['name']} is listed as '{e['kind']}' but {d} holds a "
@@ -408,123 +410,3 @@ def _ensemble_cross(path: str, m: dict, mpath: str) -> None:
 
 
 _CROSS = {"stack": _stack_cross, "finetune": _finetune_cross, "ensemble": _ensemble_cross}
-
-
-# ---------------------------------------------------------------------- tensors
-def validate_tensors(path: str, manifest: dict, tensors: dict, wpath: str) -> None:
-    """Check the arrays of ``weights.safetensors`` against the manifest (already validated)."""
-    for name, a in tensors.items():
-        if a.dtype.kind in "fc" and not np.isfinite(a).all():
-            raise StackvisionError(
-                f"{wpath}: tensor '{name}' has non-finite values (NaN or infinity)", DAMAGED
-            )
-    kind = manifest.get("kind", "stack")
-    if kind in _TENSORS:
-        _TENSORS[kind](
-            manifest, tensors, _Shapes(tensors, wpath, os.path.join(path, "manifest.json"))
-        )
-
-
-class _Shapes:
-    def __init__(self, tensors: dict, wpath: str, mpath: str):
-        self.t, self.wpath, self.mpath = tensors, wpath, mpath
-
-    def need(self, name: str, shape: tuple, why: str) -> np.ndarray:
-        """The tensor ``name``, after checking it exists and has ``shape`` (None: any size)."""
-        a = self.t.get(name)
-        if a is None:
-            raise StackvisionError(f"{self.wpath}: tensor '{name}' is missing", DAMAGED)
-        if a.ndim != len(shape) or any(w is not None and s != w for s, w in zip(a.shape, shape)):
-            want = "(" + ", ".join("any" if w is None else str(w) for w in shape) + ")"
-            raise StackvisionError(
-                f"{self.wpath}: tensor '{name}' has shape {tuple(a.shape)} but {why} need {want}",
-                DAMAGED,
-            )
-        return a
-
-    def positive(self, name: str) -> None:
-        if not (self.t[name] > 0).all():
-            raise StackvisionError(
-                f"{self.wpath}: tensor '{name}' (a standard deviation) must be > 0", DAMAGED
-            )
-
-    def fail(self, problem: str):
-        raise StackvisionError(f"{self.wpath}: {problem}", DAMAGED)
-
-
-def _stack_tensors(m: dict, t: dict, s: _Shapes) -> None:
-    C, n_heads = len(m["classes"]), m["n_heads"]
-    D = sum(b["feature_dim"] for b in m["backbones"])
-    feats = f"the manifest's backbones ({D} features)"
-    both = f"the manifest's {C} classes and {D} features"
-    both_c = f"the manifest's {C} classes and "
-    for name in t:
-        h = re.match(r"head(\d+)\.", name)
-        if h and int(h.group(1)) >= n_heads:
-            s.fail(f"tensor '{name}' belongs to no head (the manifest has n_heads {n_heads})")
-    for k in range(n_heads):
-        p = f"head{k}."
-        s.need(p + "mean", (D,), feats)
-        s.need(p + "scale", (D,), feats)
-        s.positive(p + "scale")
-        if m["head"]["kind"] == "logreg":
-            s.need(p + "weight", (C, D), both)
-            s.need(p + "bias", (C,), f"the manifest's {C} classes")
-            continue
-        layers = sorted(
-            int(x.group(1))
-            for n in t
-            if (x := re.fullmatch(re.escape(p) + r"layer(\d+)\.weight", n))
-        )
-        n_weights = sum(1 for n in t if n.startswith(p) and n.endswith(".weight"))
-        if not layers or layers != list(range(len(layers))) or n_weights != len(layers):
-            s.fail(f"the mlp head {k} needs tensors {p}layer0.weight, {p}layer1.weight, ...")
-        d_in = D
-        for i in layers:
-            last = i == layers[-1]
-            rows = C if last else None
-            why = f"{both_c if last else ''}the layer's {d_in} inputs"
-            W = s.need(f"{p}layer{i}.weight", (rows, d_in), why)
-            s.need(f"{p}layer{i}.bias", (W.shape[0],), f"its {W.shape[0]} outputs")
-            d_in = W.shape[0]
-
-
-def _finetune_tensors(m: dict, t: dict, s: _Shapes) -> None:
-    C, F = len(m["classes"]), m["backbone"]["feature_dim"]
-    out = 1 if C == 2 else C
-    why = f"the manifest's {C} classes" + (" (one sigmoid output)" if C == 2 else "")
-    s.need("fc.weight", (out, F), f"{why} and the backbone's {F} features")
-    s.need("fc.bias", (out,), why)
-    # The backbone's own tensors are matched by name and shape by load_state_dict(strict=True),
-    # on a network timm builds from the architecture, which must therefore be one timm knows.
-    import timm
-
-    arch = m["backbone"]["architecture"]
-    if not timm.is_model(arch):
-        raise StackvisionError(
-            f'{s.mpath}: "backbone.architecture" {_show(arch)} is not a model this timm knows',
-            "upgrade timm if the model was trained with a newer one; else train it again",
-        )
-
-
-def _ensemble_tensors(m: dict, t: dict, s: _Shapes) -> None:
-    K, C = len(m["members"]), len(m["classes"])
-    if m["method"] == "weighted" and "weighted.w" not in t:
-        s.fail("tensor 'weighted.w' is missing (the manifest's method is 'weighted')")
-    if m["method"] == "stacked" and not any(n.startswith("stacked.") for n in t):
-        s.fail("tensors 'stacked.*' are missing (the manifest's method is 'stacked')")
-    if "weighted.w" in t:
-        w = s.need("weighted.w", (K,), f"the manifest's {K} members")
-        if (w < 0).any() or abs(float(w.sum()) - 1.0) > 1e-3:
-            s.fail("tensor 'weighted.w' must hold member weights >= 0 that sum to 1")
-    if any(n.startswith("stacked.") for n in t):
-        KC = K * C
-        inputs = f"the manifest's {K} members x {C} classes"
-        s.need("stacked.mean", (KC,), inputs)
-        s.need("stacked.scale", (KC,), inputs)
-        s.positive("stacked.scale")
-        s.need("stacked.weight", (C, KC), f"{C} classes and {inputs}")
-        s.need("stacked.bias", (C,), f"the manifest's {C} classes")
-
-
-_TENSORS = {"stack": _stack_tensors, "finetune": _finetune_tensors, "ensemble": _ensemble_tensors}

@@ -80,9 +80,13 @@ class Options:
         object.__setattr__(self, "values", tuple(values))
 
     def accepts(self, v) -> bool:
+        if isinstance(v, bool) and not any(isinstance(x, bool) for x in self.values):
+            return False  # True == 1 and False == 0, yet neither is a count
         return isinstance(v, str | int | float | type(None)) and v in self.values
 
     def __str__(self) -> str:
+        if len(self.values) == 1:
+            return repr(self.values[0])
         return "one of " + ", ".join(repr(v) for v in self.values)
 
 
@@ -133,15 +137,32 @@ def validate_params(
             raise InvalidParameter(name, v, describe(allowed), (fixes or {}).get(name), owner)
 
 
-def check_known(names: Iterable[str], known: Iterable[str], owner: str, what: str = "parameter"):
-    """Raise for names not in ``known``, suggesting the closest known name."""
+class UnknownParameter(StackvisionError, TypeError, ValueError):
+    """A parameter name the estimator does not have (a ``TypeError`` like any wrong keyword
+    argument, and a ``ValueError`` as scikit-learn's ``set_params`` raises)."""
+
+    def __init__(self, problem: str, fix: str | None = None, name: str = ""):
+        self.name = name
+        super().__init__(problem, fix)
+
+
+def check_known(
+    names: Iterable[str],
+    known: Iterable[str],
+    owner: str,
+    what: str = "parameter",
+    hints: Mapping[str, str] | None = None,
+):
+    """Raise :class:`UnknownParameter` for names not in ``known``, suggesting the closest known
+    name (or the hint ``hints`` gives for that name)."""
     known = list(known)
     for n in names:
         if n not in known:
             close = difflib.get_close_matches(n, known, n=1)
-            raise StackvisionError(
-                f"{owner}: unknown {what} '{n}'",
-                f"did you mean '{close[0]}'?"
-                if close
-                else f"known {what}s: {', '.join(sorted(known))}",
-            )
+            if hints and n in hints:
+                fix = hints[n]
+            elif close:
+                fix = f"did you mean '{close[0]}'?"
+            else:
+                fix = f"known {what}s: {', '.join(sorted(known))}"
+            raise UnknownParameter(f"{owner}: unknown {what} '{n}'", fix, n)

@@ -30,7 +30,12 @@ from typing import Any
 
 
 class Callback:
-    """Base class: every hook is optional. ``loop.stop = True`` ends training after this epoch."""
+    """Base class: every hook is optional. ``loop.stop = True`` ends training after this epoch.
+
+    ``_state``: the names of the numeric attributes that :meth:`state_dict` saves for resuming.
+    """
+
+    _state: tuple[str, ...] = ()
 
     def on_train_begin(self, loop: TrainingLoop) -> None:
         pass
@@ -42,10 +47,12 @@ class Callback:
         pass
 
     def state_dict(self) -> dict:
-        return {}
+        return {k: getattr(self, k) for k in self._state}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        for k in self._state:
+            if k in state:  # a state saved before a counter existed keeps its initial value
+                setattr(self, k, type(getattr(self, k))(state[k]))
 
 
 def _monitored(record: dict, key: str) -> float:
@@ -57,6 +64,8 @@ def _monitored(record: dict, key: str) -> float:
 class EarlyStopping(Callback):
     """Stop once the monitored value has not improved by more than ``min_delta`` for more than
     ``patience`` epochs in a row (``patience=0``: stop at the first epoch without improvement)."""
+
+    _state = ("best", "bad", "stopped_epoch")
 
     def __init__(self, patience: int, min_delta: float = 1e-4, monitor: str = "val_loss"):
         self.patience, self.min_delta, self.monitor = int(patience), float(min_delta), monitor
@@ -72,13 +81,6 @@ class EarlyStopping(Callback):
             self.stopped_epoch = int(record["epoch"])
             loop.stop = True
 
-    def state_dict(self):
-        return {"best": self.best, "bad": self.bad, "stopped_epoch": self.stopped_epoch}
-
-    def load_state_dict(self, state):
-        self.best, self.bad = float(state["best"]), int(state["bad"])
-        self.stopped_epoch = int(state.get("stopped_epoch", 0))
-
 
 class ReduceLROnPlateau(Callback):
     """Multiply every param group's ``lr`` by ``factor`` (not below ``min_lr``) after more than
@@ -88,6 +90,8 @@ class ReduceLROnPlateau(Callback):
     threshold 1e-4, cooldown 0, eps 1e-8): an epoch improves if ``value < best * (1 - 1e-4)``.
     ``optimizer``: anything with ``param_groups`` (a list of dicts holding ``lr``).
     """
+
+    _state = ("best", "bad", "cooldown_left")
 
     def __init__(
         self,
@@ -126,13 +130,6 @@ class ReduceLROnPlateau(Callback):
                         group["lr"] = new
             self.cooldown_left, self.bad = self.cooldown, 0
 
-    def state_dict(self):
-        return {"best": self.best, "bad": self.bad, "cooldown_left": self.cooldown_left}
-
-    def load_state_dict(self, state):
-        self.best, self.bad = float(state["best"]), int(state["bad"])
-        self.cooldown_left = int(state.get("cooldown_left", 0))
-
 
 class BestWeights(Callback):
     """Keep ``snapshot()`` of the epoch with the best monitored value (improvement: more than
@@ -141,6 +138,8 @@ class BestWeights(Callback):
     ``weights`` may be preset (e.g. the starting weights, or the ones read from a checkpoint).
     ``best_epoch`` is the 1-based epoch of the kept weights (0: none kept yet).
     """
+
+    _state = ("best", "best_epoch")
 
     def __init__(
         self,
@@ -164,12 +163,6 @@ class BestWeights(Callback):
     def on_train_end(self, loop):
         if self.restore_on_end and self.weights is not None:
             self.restore(self.weights)
-
-    def state_dict(self):
-        return {"best": self.best, "best_epoch": self.best_epoch}
-
-    def load_state_dict(self, state):
-        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
 
 
 class Hook(Callback):

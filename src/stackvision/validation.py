@@ -13,6 +13,8 @@ import numpy as np
 
 from .heads import balanced_weights, make_head, softmax
 
+TTA_MODES = ("none", "flip")  # flip: the original and the horizontally flipped image
+
 
 def kfold_splits(y: np.ndarray, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     from sklearn.model_selection import StratifiedKFold
@@ -118,3 +120,72 @@ def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
     t = float(np.exp(r.x))
     # Keep T=1 unless calibration really helps: avoids fitting noise on tiny validation sets.
     return t if nll(np.log(t)) < nll(0.0) - 1e-6 else 1.0
+
+
+@dataclass
+class StackFit:
+    """What :func:`fit_stack_heads` trained, and what its metrics were computed on.
+
+    ``eval``: (``"train"`` or ``"val"``, rows of that set, labels, calibrated probabilities), or
+    ``None`` when nothing was held out.
+    """
+
+    heads: list
+    histories: list[list[dict]]
+    temperature: float
+    train_idx: np.ndarray
+    splits: list | None = None
+    oof_proba: np.ndarray | None = None
+    eval: tuple | None = None
+    metrics: dict | None = None
+
+
+def fit_stack_heads(
+    kind, params, X, y, classes, *, folds, val_split, val, n_views, class_weight, calibrate, seed
+) -> StackFit:
+    """Heads on stacked features ``X`` (N, n_views, D) with labels ``y``, calibrated and scored.
+
+    ``folds >= 2``: one head per fold, out-of-fold metrics (and hold-out metrics of the fold
+    ensemble on ``val``, when given). Otherwise one head, early-stopped, calibrated and scored on
+    ``val`` = (Xv, yv), or on a ``val_split`` of ``X``; with neither, one head on everything.
+    """
+    from .metrics import classification_metrics
+
+    n = len(classes)
+    if folds >= 2:
+        splits = kfold_splits(y, folds, seed)
+        res = cross_validate(kind, params, X, y, n, splits, n_views, class_weight, seed)
+        t = fit_temperature(res.oof_proba, y) if calibrate else 1.0
+        oof = apply_temperature(res.oof_proba, t)
+        out = StackFit(res.heads, res.histories, t, np.arange(len(y)), splits, oof)
+        out.eval = ("train", res.oof_index, y[res.oof_index], oof)
+        out.metrics = {
+            "validation": f"{folds}-fold out-of-fold",
+            **classification_metrics(y, oof, classes),
+        }
+        if val is not None:
+            Xv, yv = val
+            vp = apply_temperature(ensemble_proba(res.heads, Xv, n_views), t)
+            out.metrics["holdout"] = classification_metrics(yv, vp, classes)
+            out.eval = ("val", np.arange(len(yv)), yv, vp)
+        return out
+    tr = np.arange(len(y))
+    if val is not None:
+        (Xv, yv), where, va = val, "val", np.arange(len(val[1]))
+    elif val_split:
+        tr, va = holdout_split(y, val_split, seed)
+        Xv, yv, where = X[va], y[va], "train"
+    else:
+        head = fit_head(kind, params, X, y, n, tr, None, n_views, class_weight, seed)
+        return StackFit([head], [head.history], 1.0, tr)
+    Xc, yc = np.concatenate([X[tr], Xv]), np.concatenate([y[tr], yv])
+    head = fit_head(
+        kind, params, Xc, yc, n, np.arange(len(tr)), np.arange(len(tr), len(yc)), n_views,
+        class_weight, seed,
+    )  # fmt: skip
+    vp = predict_views(head, Xv, n_views)
+    t = fit_temperature(vp, yv) if calibrate else 1.0
+    vp = apply_temperature(vp, t)
+    out = StackFit([head], [head.history], t, tr, eval=(where, va, yv, vp))
+    out.metrics = {"validation": "hold-out", **classification_metrics(yv, vp, classes)}
+    return out

@@ -24,8 +24,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for verb in VERBS:
-        importlib.import_module(f".commands.{verb}", __package__).add_parser(sub)
+        module = importlib.import_module(f".commands.{verb}", __package__)
+        name, summary, description = _describe(module.__doc__)
+        q = sub.add_parser(name, help=summary, description=description)
+        module.add_arguments(q)
+        q.set_defaults(func=module.run)
     return p
+
+
+def _describe(doc: str) -> tuple[str, str, str]:
+    r"""A verb module's docstring -> (verb, one-line help, description).
+
+    The docstring reads ``\`\`stackvision VERB\`\`: summary.`` then a paragraph for ``--help``.
+    """
+    head, _, body = doc.strip().partition("\n\n")
+    name, _, summary = head.partition("``: ")
+    return name.removeprefix("``stackvision "), summary.rstrip("."), " ".join(body.split())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,16 +8,15 @@ import os
 import sys
 
 from ..errors import StackvisionError
-from ..params import Interval, InvalidParameter, Options, validate_params
+from ..params import Interval, InvalidParameter, validate_params
+from ..runtime import Runtime
 
 POS = Interval(numbers.Integral, 1, None)
 
-#: Checks on plain CLI values (argparse dest -> accepted values), run before any work.
-#: Estimator parameters are checked by the estimators' own ``_parameter_constraints``.
+#: Checks on values only the CLI has (argparse dest -> accepted values), run before any work.
+#: Runtime options are checked by :class:`Runtime`, estimator parameters by the estimators'
+#: own ``_parameter_constraints`` (the same tables the library uses), worded with the flags.
 ARG_CONSTRAINTS = {
-    "batch_size": [POS],
-    "workers": [POS, None],
-    "ray_actors": [POS, None],
     "top_k": [POS],
     "shard_rows": [POS],
     "rows": [POS],
@@ -30,8 +29,6 @@ ARG_CONSTRAINTS = {
     "max_wait_ms": [Interval(numbers.Real, 0, None)],
     "max_image_mb": [Interval(numbers.Real, 0, None, closed="neither"), None],
     "input_size": [Interval(numbers.Integral, 32, 2048), None],
-    "device": [str],
-    "runner": [Options(["local", "ray"])],
 }
 
 
@@ -48,8 +45,10 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse nonsense values before any work: one line, exit 2."""
     try:
         validate_params(ARG_CONSTRAINTS, vars(args))
+        if hasattr(args, "batch_size"):  # a verb with the runtime options
+            runtime(args)
     except InvalidParameter as exc:
-        raise reword(exc) from None
+        raise reword(exc, {"cache_dir": "--cache"}) from None
     cache = getattr(args, "cache", None)
     if cache and os.path.exists(cache) and not os.path.isdir(cache):
         raise StackvisionError(
@@ -79,6 +78,24 @@ def parse_value(v: str):
 
 def backbone_list(text: str) -> list[str]:
     return [b.strip() for b in text.split(",") if b.strip()]
+
+
+def add_numbers(p: argparse.ArgumentParser, rows) -> None:
+    """Numeric options from a table of (flag, type, default, help); the default joins the help."""
+    for flag, kind, default, text in rows:
+        shown = "" if default is None else f" (default: {default:g})"
+        p.add_argument(flag, type=kind, default=default, help=text + shown)
+
+
+def add_tta(p: argparse.ArgumentParser, what: str) -> None:
+    # the choices are validation.TTA_MODES (not imported: building the parser stays numpy-free)
+    p.add_argument(
+        "--tta", default="flip", choices=["none", "flip"], help=f"{what} (default: flip)"
+    )
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="model directory (any kind)")
 
 
 def add_out(p: argparse.ArgumentParser, metavar: str, help: str, required: bool = True) -> None:
@@ -219,23 +236,22 @@ def progress_enabled(args) -> bool:
     ) == "1"
 
 
-def runtime(args) -> dict:
-    """The runtime options of a verb (where and how extraction runs; they never change a model)."""
-    precision = getattr(args, "precision", None)
-    return {
-        "cache_dir": getattr(args, "cache", None),
-        "device": getattr(args, "device", "auto"),
-        "engine": getattr(args, "engine", "auto"),
-        # None: a saved model's own precision (an int8 model's heads expect int8 features)
-        **({"precision": precision} if precision else {}),
-        "batch_size": getattr(args, "batch_size", 32),
-        "workers": getattr(args, "workers", None),
-        "strict": getattr(args, "strict", False),
-        "runner": getattr(args, "runner", "local"),
-        "ray_address": getattr(args, "ray_address", None),
-        "ray_actors": getattr(args, "ray_actors", None),
-        "progress": progress_enabled(args),
-    }
+def runtime(args, **changes) -> Runtime:
+    """The runtime options of a verb as one value (they never change what a model predicts)."""
+    return Runtime(
+        cache_dir=getattr(args, "cache", None),
+        device=getattr(args, "device", "auto"),
+        engine=getattr(args, "engine", "auto"),
+        # None: fp32 for a new model, a saved model's own precision (int8 heads need int8 features)
+        precision=getattr(args, "precision", None),
+        batch_size=getattr(args, "batch_size", 32),
+        workers=getattr(args, "workers", None),
+        strict=getattr(args, "strict", False),
+        progress=progress_enabled(args),
+        runner=getattr(args, "runner", "local"),
+        ray_address=getattr(args, "ray_address", None),
+        ray_actors=getattr(args, "ray_actors", None),
+    ).replace(**changes)
 
 
 def listing(args, data=None):
@@ -287,13 +303,13 @@ def load_model_for(args, path: str | None = None):
     from ..models import load_model
 
     return load_model(
-        path or args.model, weights=dict(getattr(args, "weights", None) or []), **runtime(args)
+        path or args.model, runtime(args), weights=dict(getattr(args, "weights", None) or [])
     )
 
 
 def validate_estimator(model, flags: dict[str, str] | None = None) -> None:
     """Check an estimator's parameters before any work, in command-line words."""
     try:
-        model._check_params()
+        model._validate_params()
     except InvalidParameter as exc:
         raise reword(exc, flags) from None

@@ -251,12 +251,18 @@ def _calibration_batches(calib: Calibration, what: str) -> list[np.ndarray]:
     return out
 
 
+def _int8_path(spec, pool: str, calib: Calibration, cache_dir, tool: str, ext: str) -> str:
+    """Where a quantised model lives: per export, quantiser and calibration set."""
+    return os.path.join(
+        engines_dir(cache_dir), f"{export_key(spec, pool)}-int8-{tool}-{calib.key}{ext}"
+    )
+
+
 def quantize_nncf(
     spec: BackboneSpec, pool: str, calib: Calibration, cache_dir: str | None = None
 ) -> str:
     """Path of the NNCF-quantised OpenVINO IR (.xml, with its .bin); quantises it if missing."""
-    key = export_key(spec, pool)
-    xml = os.path.join(engines_dir(cache_dir), f"{key}-int8-nncf-{calib.key}.xml")
+    xml = _int8_path(spec, pool, calib, cache_dir, "nncf", ".xml")
     if os.path.exists(xml):
         return xml
     batches = _calibration_batches(calib, spec.name)
@@ -299,8 +305,7 @@ def quantize_ort(
     spec: BackboneSpec, pool: str, calib: Calibration, cache_dir: str | None = None
 ) -> str:
     """Path of the ONNX Runtime static-QDQ int8 model; quantises it if missing."""
-    key = export_key(spec, pool)
-    path = os.path.join(engines_dir(cache_dir), f"{key}-int8-ort-{calib.key}.onnx")
+    path = _int8_path(spec, pool, calib, cache_dir, "ort", ".onnx")
     if os.path.exists(path):
         return path
     batches = _calibration_batches(calib, spec.name)

@@ -1,4 +1,5 @@
-"""One module per verb: ``add_parser(sub)`` registers it, ``run(args)`` carries it out.
+"""One module per verb: its docstring is its help, ``add_arguments(parser)`` its options,
+``run(args)`` carries it out.
 
 The order of ``VERBS`` is the order of ``stackvision --help``.
 """

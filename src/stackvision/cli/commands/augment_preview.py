@@ -1,4 +1,7 @@
-"""``stackvision augment-preview``: a PNG grid of what the training augmentation does."""
+"""``stackvision augment-preview``: a PNG grid of training augmentations.
+
+Write a grid: a few images of DATA, each original followed by augmented copies.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +11,7 @@ from .. import options as opt
 from ..display import report_problems
 
 
-def add_parser(sub) -> None:
-    a = sub.add_parser(
-        "augment-preview",
-        help="a PNG grid of training augmentations",
-        description="Write a grid: a few images of DATA, each original followed by augmented "
-        "copies.",
-    )
+def add_arguments(a) -> None:
     opt.add_labelled_data(a, required=False)
     opt.add_out(a, "PNG", "image file to write")
     a.add_argument(
@@ -28,7 +25,6 @@ def add_parser(sub) -> None:
         "--seed", type=int, default=0, help="seed for the images shown and their augmentations"
     )
     a.add_argument("-q", "--quiet", action="store_true", help="print only the result line")
-    a.set_defaults(func=run)
 
 
 def _labelled(args) -> bool:

@@ -1,4 +1,7 @@
-"""``stackvision backbones``: the backbone registry."""
+"""``stackvision backbones``: list the backbone registry.
+
+List backbones: name, input size, feature dim, weights source, offline-ready.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +10,11 @@ import json
 from ..display import table
 
 
-def add_parser(sub) -> None:
-    b = sub.add_parser(
-        "backbones",
-        help="list the backbone registry",
-        description="List backbones: name, input size, feature dim, weights source, offline-ready.",
-    )
+def add_arguments(b) -> None:
     b.add_argument(
         "names", nargs="*", help="only these backbones (e.g. lite0 timm:resnet50.a1_in1k)"
     )
     b.add_argument("--json", action="store_true", help="machine-readable output with preprocessing")
-    b.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -1,4 +1,9 @@
-"""``stackvision ensemble``: combine saved models of any kind on held-out data."""
+"""``stackvision ensemble``: combine saved models (any kind) on held-out data.
+
+Combine models by mean, weighted mean (weights fitted to minimise log loss) and a learned
+combiner, fitted on held-out DATA the members were not trained on. Prints each member and each
+method on the same images (combiners scored out-of-fold).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,7 @@ from .. import options as opt
 from ..display import report_problems, say, table
 
 
-def add_parser(sub) -> None:
-    e = sub.add_parser(
-        "ensemble",
-        help="combine saved models (any kind) on held-out data",
-        description="Combine models by mean, weighted mean (weights fitted to minimise log loss) "
-        "and a learned combiner, fitted on held-out DATA the members were not trained on. "
-        "Prints each member and each method on the same images (combiners scored out-of-fold).",
-    )
+def add_arguments(e) -> None:
     e.add_argument("models", nargs="+", metavar="MODEL", help="model directories (two or more)")
     e.add_argument("--data", metavar="DATA", help="held-out labelled folder (or labels CSV)")
     opt.add_labels_csv(e, "--data")
@@ -34,7 +32,6 @@ def add_parser(sub) -> None:
     )
     opt.add_weights(e, "local checkpoint for a member's backbone")
     opt.add_runtime_options(e)
-    e.set_defaults(func=run)
 
 
 def run(args) -> int:
@@ -52,8 +49,9 @@ def run(args) -> int:
         folds=args.folds,
         seed=args.seed,
         weights=dict(args.weights or []),
-        **opt.runtime(args),
+        runtime=opt.runtime(args),
     )
+    opt.validate_estimator(ens)
     data = opt.listing(args, data=args.data)
     t0 = time.perf_counter()
     say(

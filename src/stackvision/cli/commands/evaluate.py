@@ -1,4 +1,7 @@
-"""``stackvision evaluate``: metrics and a report of a model on labelled data."""
+"""``stackvision evaluate``: metrics and report on labelled data.
+
+Evaluate a model on labelled data: metrics.json and report/ in --out.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +12,12 @@ from .. import options as opt
 from ..display import report_problems, table
 
 
-def add_parser(sub) -> None:
-    ev = sub.add_parser(
-        "evaluate",
-        help="metrics and report on labelled data",
-        description="Evaluate a model on labelled data: metrics.json and report/ in --out.",
-    )
-    ev.add_argument("model", metavar="MODEL", help="model directory")
+def add_arguments(ev) -> None:
+    opt.add_model(ev)
     opt.add_labelled_data(ev, required=False)
     opt.add_out(ev, "DIR", "folder for metrics.json and report/ (written whole, atomically)")
     opt.add_weights(ev)
     opt.add_runtime_options(ev)
-    ev.set_defaults(func=run)
 
 
 def run(args) -> int:

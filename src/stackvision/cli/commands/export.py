@@ -1,4 +1,9 @@
-"""``stackvision export``: one self-contained ONNX file of any model kind."""
+"""``stackvision export``: export a model to ONNX.
+
+Export a model to one self-contained ONNX file: uint8 RGB images (N, S, S, 3) -> class
+probabilities, backbones, heads, fold averaging, flip TTA and calibration inside; class names
+and the input contract in its metadata.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,10 @@ import time
 from .. import options as opt
 
 
-def add_parser(sub) -> None:
+def add_arguments(ex) -> None:
     from ...export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
-    ex = sub.add_parser(
-        "export",
-        help="export a model to ONNX",
-        description="Export a model to one self-contained ONNX file: uint8 RGB images "
-        "(N, S, S, 3) -> class probabilities, backbones, heads, fold averaging, flip TTA and "
-        "calibration inside; class names and the input contract in its metadata.",
-    )
-    ex.add_argument("model", metavar="MODEL", help="model directory")
+    opt.add_model(ex)
     ex.add_argument("--format", default="onnx", choices=["onnx"], help="(default: onnx)")
     opt.add_out(ex, "FILE", "file to write, e.g. model.onnx")
     ex.add_argument(
@@ -33,7 +31,7 @@ def add_parser(sub) -> None:
     )
     opt.add_weights(ex)
     # export builds the torch graph on the CPU, whatever the machine has
-    ex.set_defaults(func=run, device="cpu", engine="torch", precision="fp32", quiet=True)
+    ex.set_defaults(device="cpu", engine="torch", precision="fp32", quiet=True)
 
 
 def check(args) -> None:

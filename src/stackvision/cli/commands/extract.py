@@ -1,4 +1,7 @@
-"""``stackvision extract``: fill the feature cache ahead of training (and optionally export shards)."""
+"""``stackvision extract``: fill the feature cache ahead of training.
+
+Compute and cache backbone features for a data set (nothing cached is recomputed).
+"""
 
 from __future__ import annotations
 
@@ -9,24 +12,13 @@ from .. import options as opt
 from ..display import report_problems, table
 
 
-def add_parser(sub) -> None:
-    e = sub.add_parser(
-        "extract",
-        help="fill the feature cache ahead of training",
-        description="Compute and cache backbone features for a data set (nothing cached is "
-        "recomputed).",
-    )
+def add_arguments(e) -> None:
     e.add_argument(
         "data", nargs="?", metavar="DATA", help="folder of class subfolders, images or a CSV"
     )
     opt.add_labels_csv(e)
     opt.add_backbone_options(e)
-    e.add_argument(
-        "--tta",
-        default="flip",
-        choices=["none", "flip"],
-        help="also cache horizontally flipped views (default: flip)",
-    )
+    opt.add_tta(e, "also cache horizontally flipped views")
     e.add_argument(
         "--export-shards",
         metavar="DIR",
@@ -46,7 +38,6 @@ def add_parser(sub) -> None:
         help="replace an existing --export-shards folder that stackvision wrote",
     )
     opt.add_runtime_options(e)
-    e.set_defaults(func=run)
 
 
 def _looks_labelled(folder: str) -> bool:
@@ -76,25 +67,25 @@ def run(args) -> int:
         data = from_paths([args.data] if args.data else [])
     specs = [resolve(b, dict(args.weights or [])) for b in opt.backbone_list(args.backbones)]
     views = ("orig", "flip") if args.tta == "flip" else ("orig",)
-    precision = rt.get("precision", "fp32")
-    cache = FeatureCache(rt["cache_dir"])
+    precision = rt.precision or "fp32"
+    cache = FeatureCache(rt.cache_dir)
     t0 = time.perf_counter()
     feats = extract_features(
         data.paths,
         specs,
-        runner=rt["runner"],
-        ray_address=rt["ray_address"],
-        ray_actors=rt["ray_actors"],
+        runner=rt.runner,
+        ray_address=rt.ray_address,
+        ray_actors=rt.ray_actors,
         views=views,
         pool=args.pool,
         cache=cache,
-        engine=rt["engine"],
+        engine=rt.engine,
         precision=precision,
-        device=rt["device"],
-        batch_size=rt["batch_size"],
-        workers=rt["workers"],
-        strict=rt["strict"],
-        progress=rt["progress"],
+        device=rt.device,
+        batch_size=rt.batch_size,
+        workers=rt.workers,
+        strict=rt.strict,
+        progress=rt.progress,
         assemble=False,  # the features stay in the cache (and in --export-shards)
     )
     st = feats.stats
@@ -111,7 +102,7 @@ def run(args) -> int:
     print(table([row], list(row)))
     print(f"cache: {cache.root}")
     if args.export_shards:
-        _export_shards(args, data, feats, specs, views, cache, rt["engine"], precision)
+        _export_shards(args, data, feats, specs, views, cache, rt.engine, precision)
     return 0
 
 

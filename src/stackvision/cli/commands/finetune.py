@@ -1,4 +1,9 @@
-"""``stackvision finetune``: fine-tune a pretrained backbone, resumable from its checkpoint."""
+"""``stackvision finetune``: fine-tune a pretrained backbone with a new head.
+
+Fine-tune a pretrained backbone: head only first (backbone frozen), then the top N blocks at a
+lower learning rate. Early stopping on validation loss, reduce-LR-on-plateau, best checkpoint
+kept; rerun the same command to resume.
+"""
 
 from __future__ import annotations
 
@@ -38,30 +43,29 @@ def check_work_dir(work: str) -> None:
         )
 
 
+#: (flag, type, default, help) of the training hyper-parameters
+HYPER_PARAMETERS = (
+    ("--epochs", int, 10, "fine-tuning epochs after the head"),
+    ("--head-epochs", int, 3, "epochs training only the head, backbone frozen"),
+    ("--lr", float, 1e-3, "head-phase learning rate"),
+    ("--finetune-lr", float, None, "phase-2 learning rate (default: --lr / 10)"),
+    ("--weight-decay", float, 1e-4, "AdamW weight decay"),
+    ("--dropout", float, 0.2, "dropout before the dense layer"),
+    ("--label-smoothing", float, 0.0, "label smoothing"),
+    ("--val-split", float, 0.15, "fraction held out for early stopping without --val"),
+    ("--patience", int, 3, "early-stopping patience (epochs)"),
+    ("--input-size", int, None, "train and predict at this size instead of the backbone's"),
+)
+
+
 def _unfreeze(text: str):
     return text if text == "all" else int(text)
 
 
-def add_parser(sub) -> None:
-    f = sub.add_parser(
-        "finetune",
-        help="fine-tune a pretrained backbone with a new head",
-        description="Fine-tune a pretrained backbone: head only first (backbone frozen), then the "
-        "top N blocks at a lower learning rate. Early stopping on validation loss, "
-        "reduce-LR-on-plateau, best checkpoint kept; rerun the same command to resume.",
-    )
+def add_arguments(f) -> None:
     opt.add_labelled_data(f, required=False)
     opt.add_out(f, "MODEL", "model directory to write (its checkpoint lives in MODEL.work)")
     f.add_argument("--backbone", default="lite0", help="backbone to fine-tune (default: lite0)")
-    f.add_argument(
-        "--epochs", type=int, default=10, help="fine-tuning epochs after the head (default: 10)"
-    )
-    f.add_argument(
-        "--head-epochs",
-        type=int,
-        default=3,
-        help="epochs training only the head, backbone frozen (default: 3)",
-    )
     f.add_argument(
         "--unfreeze",
         type=_unfreeze,
@@ -69,13 +73,7 @@ def add_parser(sub) -> None:
         metavar="N|all",
         help="backbone blocks (from the top) trained in phase 2, or 'all' (default: 2)",
     )
-    f.add_argument(
-        "--lr", type=float, default=1e-3, help="head-phase learning rate (default: 1e-3)"
-    )
-    f.add_argument("--finetune-lr", type=float, help="phase-2 learning rate (default: --lr / 10)")
-    f.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    f.add_argument("--dropout", type=float, default=0.2, help="dropout before the dense layer")
-    f.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing")
+    opt.add_numbers(f, HYPER_PARAMETERS)
     f.add_argument(
         "--augment",
         nargs="?",
@@ -86,24 +84,7 @@ def add_parser(sub) -> None:
         "overrides e.g. standard,rotation=25 (default: none)",
     )
     f.add_argument("--val", metavar="DATA", help="separate labelled validation folder")
-    f.add_argument(
-        "--val-split",
-        type=float,
-        default=0.15,
-        help="fraction held out for early stopping without --val (default: 0.15)",
-    )
-    f.add_argument("--patience", type=int, default=3, help="early-stopping patience (epochs)")
-    f.add_argument(
-        "--input-size",
-        type=int,
-        help="train and predict at this image size instead of the backbone's (faster on a CPU)",
-    )
-    f.add_argument(
-        "--tta",
-        default="flip",
-        choices=["none", "flip"],
-        help="average original and flipped image at prediction (default: flip)",
-    )
+    opt.add_tta(f, "average original and flipped image at prediction")
     f.add_argument("--pool", default="avg", choices=["avg", "max", "avgmax"], help="global pooling")
     opt.add_weights(f, "local checkpoint for the backbone")
     f.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
@@ -114,7 +95,6 @@ def add_parser(sub) -> None:
         "--keep-work", action="store_true", help="keep MODEL.work (the checkpoint) after success"
     )
     opt.add_runtime_options(f)
-    f.set_defaults(func=run)
 
 
 def run(args) -> int:
@@ -124,7 +104,6 @@ def run(args) -> int:
     opt.check_out(args, "model", opt.data_inputs(args))
     work = work_dir_for(args.out)
     check_work_dir(work)
-    rt = opt.runtime(args)
     model = FineTunedClassifier(
         args.backbone,
         epochs=args.epochs,
@@ -144,11 +123,8 @@ def run(args) -> int:
         weights=dict(args.weights or []),
         work_dir=work,
         seed=args.seed,
-        device=rt["device"],
-        batch_size=rt["batch_size"],
-        workers=rt["workers"],
-        strict=rt["strict"],
-        progress=not args.quiet,
+        batch_size=args.batch_size,  # a training parameter too (part of the resume check)
+        runtime=opt.runtime(args, progress=not args.quiet),
     )
     opt.validate_estimator(model)
     data = opt.listing(args)

@@ -1,24 +1,22 @@
-"""``stackvision info``: what a saved model is, read from its manifest alone (no network built)."""
+"""``stackvision info``: describe a saved model.
+
+Describe a saved model of any kind: classes and counts, backbones and their weights,
+preprocessing, head, folds, views, temperature, headline metrics, training data, size on disk
+and format version. Reads the manifest only.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 
+from .. import options as opt
 from ..display import table
 
 
-def add_parser(sub) -> None:
-    i = sub.add_parser(
-        "info",
-        help="describe a saved model",
-        description="Describe a saved model of any kind: classes and counts, backbones and their "
-        "weights, preprocessing, head, folds, views, temperature, headline metrics, training "
-        "data, size on disk and format version. Reads the manifest only.",
-    )
-    i.add_argument("model", metavar="MODEL", help="model directory")
+def add_arguments(i) -> None:
+    opt.add_model(i)
     i.add_argument("--json", action="store_true", help="machine-readable output")
-    i.set_defaults(func=run)
 
 
 def _size(path: str) -> int:

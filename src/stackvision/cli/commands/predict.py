@@ -1,4 +1,7 @@
-"""``stackvision predict``: classes for images and folders, as top-k rows or a Kaggle submission."""
+"""``stackvision predict``: predict images or folders.
+
+Predict classes for images and/or folders of images.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +13,8 @@ from .. import options as opt
 from ..display import report_problems, say
 
 
-def add_parser(sub) -> None:
-    pr = sub.add_parser(
-        "predict",
-        help="predict images or folders",
-        description="Predict classes for images and/or folders of images.",
-    )
-    pr.add_argument("model", metavar="MODEL", help="model directory")
+def add_arguments(pr) -> None:
+    opt.add_model(pr)
     pr.add_argument(
         "inputs",
         nargs="+",
@@ -35,7 +33,6 @@ def add_parser(sub) -> None:
     opt.add_out(pr, "CSV", "write the CSV here (default: stdout)", required=False)
     opt.add_weights(pr)
     opt.add_runtime_options(pr)
-    pr.set_defaults(func=run)
 
 
 def rows_for(pred, fmt: str, top_k: int) -> tuple[list[str], list[list[str]]]:

@@ -1,4 +1,8 @@
-"""``stackvision serve``: the HTTP service (JSON API and a web page) for any model kind."""
+"""``stackvision serve``: serve a model over HTTP (JSON API and a web page).
+
+Serve a model over HTTP: POST /predict, GET /model, GET /health, a web page at / and OpenAPI
+docs at /docs. Concurrent requests are batched together.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,8 @@ import sys
 from .. import options as opt
 
 
-def add_parser(sub) -> None:
-    sv = sub.add_parser(
-        "serve",
-        help="serve a model over HTTP (JSON API and a web page)",
-        description="Serve a model over HTTP: POST /predict, GET /model, GET /health, a web page "
-        "at / and OpenAPI docs at /docs. Concurrent requests are batched together.",
-    )
-    sv.add_argument("model", metavar="MODEL", help="model directory")
+def add_arguments(sv) -> None:
+    opt.add_model(sv)
     sv.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)"
     )
@@ -59,7 +57,6 @@ def add_parser(sub) -> None:
     )
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     opt.add_weights(sv)
-    sv.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -1,4 +1,7 @@
-"""``stackvision train``: stacked-features classifier with k-fold heads, from images or shards."""
+"""``stackvision train``: train a stacked-features classifier.
+
+Train heads on stacked cached features with k-fold CV and flip TTA; write a model directory.
+"""
 
 from __future__ import annotations
 
@@ -20,13 +23,7 @@ COMPARE_COLS = (
 )
 
 
-def add_parser(sub) -> None:
-    t = sub.add_parser(
-        "train",
-        help="train a stacked-features classifier",
-        description="Train heads on stacked cached features with k-fold CV and flip TTA; write a "
-        "model directory.",
-    )
+def add_arguments(t) -> None:
     opt.add_labelled_data(t, required=False)
     opt.add_out(t, "MODEL", "model directory to write")
     opt.add_backbone_options(t)
@@ -54,12 +51,7 @@ def add_parser(sub) -> None:
     t.add_argument(
         "--val-split", type=float, help="hold out this fraction for validation (with --folds 0)"
     )
-    t.add_argument(
-        "--tta",
-        default="flip",
-        choices=["none", "flip"],
-        help="train on original+flipped features and average both at prediction (default: flip)",
-    )
+    opt.add_tta(t, "train on original+flipped features and average both at prediction")
     t.add_argument(
         "--class-weight", choices=["balanced"], help="weight classes inversely to their frequency"
     )
@@ -79,7 +71,6 @@ def add_parser(sub) -> None:
         " features larger than memory: one head, hold-out --val-split (default 0.1)",
     )
     opt.add_runtime_options(t)
-    t.set_defaults(func=run)
 
 
 def _head_param(text: str) -> tuple[str, object]:
@@ -127,7 +118,7 @@ def run(args) -> int:
         calibrate=not args.no_calibrate,
         weights=dict(args.weights or []),
         seed=args.seed,
-        **opt.runtime(args),
+        runtime=opt.runtime(args),
     )
     opt.validate_estimator(model)
     data = opt.listing(args)
@@ -199,7 +190,7 @@ def _run_shards(args) -> int:
         calibrate=not args.no_calibrate,
         weights=dict(args.weights or []),
         seed=args.seed,
-        **opt.runtime(args),
+        runtime=opt.runtime(args),
     )
     path = model.save(args.out)
     sh = model.shards_
