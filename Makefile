@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision pinned to the builds on this machine's disk (see DEVELOPERS.md).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install install-browser test lint format bench bench-serve clean
+.PHONY: install install-browser test lint format bench bench-serve fuzz clean
 
 install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,12 +33,21 @@ test:
 	$(BIN)/python -m pytest -q
 
 lint:
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks fuzz
+	$(BIN)/ruff format --check src tests benchmarks fuzz
 
 format:
-	$(BIN)/ruff check --fix src tests benchmarks
-	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks fuzz
+	$(BIN)/ruff format src tests benchmarks fuzz
+
+# Fuzz the parsers of untrusted input (image decoder, labels CSV, manifest, HTTP body, image
+# preparation) with Hypothesis: FUZZ_EXAMPLES inputs per target over FUZZ_WORKERS processes. Not
+# part of `make test`; findings land in fuzz/findings/, the figures in fuzz/report.json.
+FUZZ_EXAMPLES ?= 100000
+FUZZ_WORKERS ?= 2
+fuzz:
+	$(BIN)/python fuzz/run.py --targets decode,csv,manifest,http,prepare \
+		--examples $(FUZZ_EXAMPLES) --workers $(FUZZ_WORKERS)
 
 bench:
 	$(BIN)/python benchmarks/accuracy.py

@@ -83,7 +83,7 @@ def child_env() -> dict:
 class Server:
     """``stackvision serve MODEL`` in a subprocess on a free loopback port."""
 
-    def __init__(self, model: Path, *args: str, log: Path, startup_timeout: float = 240):
+    def __init__(self, model: Path, *args: str, log: Path, startup_timeout: float = 240, env=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -91,7 +91,7 @@ class Server:
         cmd += ["--port", str(self.port), "--log-level", "warning", "--device", "cpu", *args]
         self._fh = open(log, "wb")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
-            cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=child_env()
+            cmd, stdout=self._fh, stderr=subprocess.STDOUT, env={**child_env(), **(env or {})}
         )
         deadline = time.monotonic() + startup_timeout
         while True:

@@ -80,3 +80,47 @@ def test_untrainable_data_is_refused():
     with pytest.raises(StackvisionError, match="fewer images than --folds 5.*'b' has 2"):
         check_trainable(["a"] * 6 + ["b"] * 2, folds=5)
     check_trainable(["a"] * 5 + ["b"] * 5, folds=5)
+
+
+def test_csv_labels_with_control_characters_name_the_line(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for n in ("a", "b"):
+        synthetic_image().save(tmp_path / "imgs" / f"{n}.jpg")
+    csv = tmp_path / "labels.csv"
+    csv.write_text('id,breed\na,pug\n"b","multi\nline"\n', newline="")
+    with pytest.raises(StackvisionError, match=r"line 4: the label 'multi\\nline'.*\\n"):
+        from_csv(str(csv), str(tmp_path / "imgs"))
+    csv.write_text("id,breed\na,pug\nb\x00,pug\n")
+    with pytest.raises(StackvisionError, match=r"line 3: the id 'b\\x00'"):
+        from_csv(str(csv), str(tmp_path / "imgs"))
+
+
+def test_csv_ids_outside_the_images_folder(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    synthetic_image().save(tmp_path / "imgs" / "a.jpg")
+    synthetic_image().save(tmp_path / "outside.jpg")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("id,breed\na,pug\n../outside,boxer\n")
+    with pytest.raises(StackvisionError, match="line 3: id '../outside' leads outside"):
+        from_csv(str(csv), str(tmp_path / "imgs"))
+    ls = from_csv(str(csv), str(tmp_path / "imgs"), allow_outside=True)
+    assert ls.labels == ["pug", "boxer"]
+    # default images folder = the CSV's: a path below it is inside
+    csv.write_text("id,breed\nimgs/a,pug\noutside,boxer\n")
+    assert from_csv(str(csv)).labels == ["pug", "boxer"]
+
+
+def test_folds_advice_for_a_single_image_class():
+    with pytest.raises(StackvisionError) as exc:
+        check_trainable(["a"] * 6 + ["b"], folds=5)
+    assert "--folds 0" in str(exc.value) and "--folds 2" not in str(exc.value)
+    check_trainable(["a"] * 6 + ["b"], folds=0)
+
+
+def test_absolute_ids_inside_the_images_folder_are_fine(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    synthetic_image().save(tmp_path / "imgs" / "a.jpg")
+    synthetic_image(seed=1).save(tmp_path / "imgs" / "b.jpg")
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"id,breed\n{tmp_path / 'imgs' / 'a.jpg'},pug\nb,boxer\n")
+    assert from_csv(str(csv), str(tmp_path / "imgs")).labels == ["pug", "boxer"]

@@ -98,3 +98,104 @@ def test_bad_files_have_reasons(tmp_path):
     assert "not an image" in reasons["notes.jpg"]
     assert "truncated" in reasons["trunc.jpg"]
     assert "not found" in reasons["missing.jpg"]
+
+
+# ---------------------------------------------------------------------- limits (issue 11)
+@pytest.mark.parametrize("size", [(1, 2000), (80000, 1), (51, 1), (1, 51)])
+def test_absurd_aspect_ratios_are_refused_from_the_header(size):
+    from .hostile_inputs import png_header_only
+
+    with pytest.raises(ImageDecodeError, match=r"aspect ratio .* over the limit of 50:1"):
+        decode(png_header_only(*size), min_side=256)
+
+
+def test_aspect_ratio_at_the_limit_is_decoded_and_cheap():
+    from .hostile_inputs import png_bytes
+
+    pp = Preprocess(input_size=260, crop_pct=0.89)
+    img = decode(png_bytes(6, 300), min_side=pp.resize_size)
+    assert pp.to_uint8(img).shape == (260, 260, 3)
+
+
+@pytest.fixture()
+def small_pixel_limit(monkeypatch):
+    """Pillow's and our pixel limits at 1 MP, so a 3 MP image stands for a > 90 MP photo."""
+    import stackvision.images as images
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    monkeypatch.setattr(images, "MAX_PIXELS", 1_000_000)
+
+
+def test_large_jpeg_is_decoded_in_draft_mode_instead_of_refused(small_pixel_limit):
+    from .hostile_inputs import jpeg_bytes, png_bytes
+
+    data = jpeg_bytes(2000, 1500)  # 3 MP: over the (patched) limit at full scale
+    img = decode(data, min_side=256)  # 1/4 scale: 500x375
+    assert img.size == (500, 375)
+    with pytest.raises(ImageDecodeError) as exc:
+        decode(data)  # no size asked for: full scale, refused
+    assert exc.value.too_large and "too many pixels: 2000x1500" in exc.value.reason
+    with pytest.raises(ImageDecodeError) as exc:
+        decode(data, min_side=1400)  # even the largest useful draft scale is over it
+    assert exc.value.too_large and "2000x1500, 2000x1500 at the JPEG scale a 1400 px" in str(
+        exc.value
+    )
+    with pytest.raises(ImageDecodeError) as exc:
+        decode(png_bytes(2000, 1500), min_side=256)  # no draft mode outside JPEG
+    assert exc.value.too_large and "too many pixels" in exc.value.reason
+
+
+def test_probe_reads_the_header_even_of_a_bomb():
+    from stackvision.images import probe
+
+    from .hostile_inputs import jpeg_bytes, png_header_only
+
+    assert probe(jpeg_bytes(30, 20)) == ("JPEG", 30, 20)
+    with pytest.raises(ImageDecodeError) as exc:
+        probe(png_header_only(20000, 10000))  # 200 MP: Pillow will not even open it
+    assert exc.value.too_large
+    with pytest.raises(ImageDecodeError) as exc:
+        probe(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    assert not exc.value.too_large
+
+
+def test_any_decoder_exception_is_an_image_decode_error(monkeypatch):
+    from PIL import PngImagePlugin
+
+    def broken(self):
+        raise IndexError("list index out of range")  # what a plug-in choking on bytes raises
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken)
+    with pytest.raises(ImageDecodeError, match="corrupt image data \\(IndexError"):
+        decode(_encode(synthetic_image((8, 8)), "PNG"))
+
+
+def test_file_size_limit_is_checked_before_reading(tmp_path, monkeypatch):
+    from stackvision.errors import StackvisionError
+    from stackvision.images import read_bytes
+
+    p = tmp_path / "big.jpg"
+    p.write_bytes(b"\xff" * 3 * 1024 * 1024)
+    monkeypatch.setenv("STACKVISION_MAX_IMAGE_MB", "2")
+    with pytest.raises(ImageDecodeError) as exc:
+        read_bytes(str(p))
+    assert exc.value.too_large and "3.0 MiB, over the limit of 2.0 MiB" in exc.value.reason
+    monkeypatch.setenv("STACKVISION_MAX_IMAGE_MB", "4")
+    assert len(read_bytes(str(p))) == 3 * 1024 * 1024
+    monkeypatch.setenv("STACKVISION_MAX_IMAGE_MB", "lots")
+    with pytest.raises(StackvisionError, match="STACKVISION_MAX_IMAGE_MB"):
+        read_bytes(str(p))
+
+
+def test_decode_errors_survive_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ImageDecodeError("a.jpg", "too big", too_large=True)))
+    assert (err.path, err.reason, err.too_large) == ("a.jpg", "too big", True)
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PCX", "TGA", "PPM", "EPS"])
+def test_formats_outside_the_supported_ones_are_not_parsed(fmt):
+    img = synthetic_image((16, 16))
+    with pytest.raises(ImageDecodeError, match=r"not an image file \(unknown format\)"):
+        decode(_encode(img, fmt))

@@ -97,15 +97,22 @@ def first_image(woof_val):
     return images_of(woof_val)[0]
 
 
-def test_every_route_but_health_needs_the_key(server, first_image):
-    for path in ("/", "/docs", "/openapi.json"):
-        assert httpx.get(server.url + path).status_code == 401, path
+def test_every_route_but_health_and_the_static_pages_needs_the_key(server, first_image):
+    assert httpx.get(server.url + "/openapi.json").status_code == 401
     img = first_image
     assert post_files(server.url, [img], headers={}).status_code == 401
     assert post_files(server.url, [img], headers={"X-API-Key": "nope"}).status_code == 401
     spec = httpx.get(server.url + "/openapi.json", params={"api_key": KEY}).json()
     assert "/predict" in spec["paths"] and "/model" in spec["paths"]
-    assert "text/html" in httpx.get(server.url + "/docs", headers=AUTH).headers["content-type"]
+    spec = httpx.get(server.url + "/openapi.json", headers=AUTH).json()
+    assert "/predict" in spec["paths"]
+    # The page and the docs hold no data: open, and they send the key as a header from JS.
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and '"X-API-Key": apiKey' in page.text
+    docs = httpx.get(server.url + "/docs")
+    assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
+    assert 'req.headers["X-API-Key"] = key' in docs.text and "api_key=" not in docs.text
+    assert "--api-key is deprecated" in server.output()  # the fixture still passes --api-key
 
 
 def test_predict_multipart_matches_library(server, expected):
@@ -198,6 +205,49 @@ def test_limits_are_413_naming_the_limit(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_pixel_bombs_are_413_and_needles_400_quickly(server):
+    from .hostile_inputs import png_bytes, png_header_only
+
+    # 200 MP in the header: Pillow refuses to open it; it is over the pixel limit, so 413
+    r = httpx.post(server.url + "/predict", headers=AUTH,
+                   files=[("file", ("bomb.png", png_header_only(20000, 10000), "image/png"))])  # fmt: skip
+    assert r.status_code == 413, r.text
+    assert "bomb.png" in r.json()["error"] and "limit of 4000000" in r.json()["error"]
+    # 1x8000: was 2.1 GB and 5.5 s of resizing; now refused from the header
+    r = httpx.post(server.url + "/predict", headers=AUTH,
+                   files=[("file", ("needle.png", png_bytes(1, 8000), "image/png"))])  # fmt: skip
+    assert r.status_code == 400, r.text
+    assert "aspect ratio of 1x8000" in r.json()["error"]
+    assert r.elapsed.total_seconds() < 2
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_the_key_never_reaches_the_log_or_the_process_list(model_dir, tmp_path):
+    key = "s3cr3t-Key+/="  # characters that URL-encoding changes
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    srv = Server(model_dir, "--api-key-file", str(key_file), "--log-level", "info",
+                 log=tmp_path / "server.log")  # fmt: skip
+    try:
+        cmdline = Path(f"/proc/{srv.proc.pid}/cmdline").read_bytes()
+        assert key.encode() not in cmdline
+        assert httpx.get(srv.url + "/model", params={"api_key": key}).status_code == 200
+        assert httpx.get(srv.url + "/model", params={"API_KEY": "guess-1"}).status_code == 401
+        assert httpx.get(srv.url + f"/model?x=1&api_key={key}&y=2").status_code in (200, 401)
+        assert httpx.get(srv.url + "/model", headers={"X-API-Key": key}).status_code == 200
+        assert httpx.get(srv.url + f"/nowhere/{key}").status_code == 404
+    finally:
+        srv.stop()
+    log = (tmp_path / "server.log").read_text()
+    assert '"GET /model?api_key=[redacted] HTTP/1.1" 200' in log  # the access log is on
+    assert "API_KEY=[redacted]" in log and "guess-1" not in log
+    assert "x=1&api_key=[redacted]&y=2" in log
+    assert "/nowhere/[redacted]" in log
+    for form in (key, "s3cr3t-Key%2B%2F%3D", "s3cr3t"):
+        assert form not in log, log
+
+
 def test_concurrent_requests_are_batched_and_all_correct(server, expected):
     paths, proba, classes = expected
     before = httpx.get(server.url + "/health").json()["batching"]
@@ -223,3 +273,6 @@ def test_serve_user_errors(tmp_path, capsys):
     assert "model not found" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
     assert "--max-batch must be an integer >= 1" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--api-key-file", str(tmp_path / "nokey")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --api-key-file") and "not found" in err

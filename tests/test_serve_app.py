@@ -177,3 +177,44 @@ def test_unexpected_exception_is_500_without_internals(monkeypatch, caplog):
     assert counts["server_errors"] == 1
     (record,) = _errors(caplog)
     assert r.headers["x-request-id"] in record.getMessage() and "KeyError" in record.getMessage()
+
+
+# ---------------------------------------------------------------------- the key (issue 11)
+def test_key_sources_and_warnings(tmp_path):
+    from stackvision.errors import StackvisionError
+    from stackvision.serve.auth import resolve_key
+
+    assert resolve_key(None, None, {"STACKVISION_API_KEY": "from-env"}) == ("from-env", [])
+    assert resolve_key(None, None, {}) == (None, [])
+    key, warnings = resolve_key("on-the-command-line", None, {})
+    assert key == "on-the-command-line" and "ps" in warnings[0] and "deprecated" in warnings[0]
+    f = tmp_path / "key"
+    f.write_text("  from-file\n")
+    f.chmod(0o600)
+    assert resolve_key(None, str(f), {"STACKVISION_API_KEY": "env"}) == ("from-file", [])
+    f.chmod(0o644)
+    key, warnings = resolve_key(None, str(f), {})
+    assert key == "from-file" and "chmod 600" in warnings[0]
+    for bad in ("", "two words\n"):
+        f.write_text(bad)
+        with pytest.raises(StackvisionError, match="holds no key"):
+            resolve_key(None, str(f), {})
+    with pytest.raises(StackvisionError, match="both given"):
+        resolve_key("k", str(f), {})
+
+
+def test_redaction_of_every_log_line():
+    import logging
+
+    from stackvision.serve.auth import RedactKey, redact
+
+    assert redact("GET /x?api_key=abc&b=1") == "GET /x?api_key=[redacted]&b=1"
+    assert redact("GET /x?a=1&Api%5FKey=abc") == "GET /x?a=1&Api%5FKey=[redacted]"
+    assert redact("POST /k/p%2Bq%2Fr /k/p+q/r", "p+q/r") == "POST /k/[redacted] /k/[redacted]"
+    assert redact("GET /k/p%2bq%2fr", "p+q/r") == "GET /k/[redacted]"
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", "/model?api_key=abc", "1.1", 200), None,
+    )  # fmt: skip
+    assert RedactKey("abc").filter(record)
+    assert record.getMessage() == '127.0.0.1:5 - "GET /model?api_key=[redacted] HTTP/1.1" 200'

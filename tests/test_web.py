@@ -33,7 +33,8 @@ pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason(
 @pytest.fixture(scope="module")
 def server(woof_train, cache_dir, tmp_path_factory):
     model = train_tiny(woof_train, cache_dir, tmp_path_factory.mktemp("web") / "model")
-    srv = Server(model, "--api-key", KEY, log=tmp_path_factory.mktemp("web-log") / "server.log")
+    log = tmp_path_factory.mktemp("web-log") / "server.log"
+    srv = Server(model, log=log, env={"STACKVISION_API_KEY": KEY})  # not --api-key: ps shows it
     yield srv
     srv.stop()
 
@@ -78,9 +79,10 @@ def test_page_uploads_an_image_and_shows_the_api_top_class(server, browser, woof
             timeout=120,
         ).json()["predictions"][0]["top"]
 
-    browser.get(f"{server.url}/?api_key={KEY}")
+    browser.get(f"{server.url}/?api_key={KEY}")  # an old-style link still works, once
     wait = WebDriverWait(browser, 120)
     wait.until(ec.text_to_be_present_in_element((By.ID, "model"), "classes"))
+    assert KEY not in browser.current_url  # moved to sessionStorage, out of the address bar
     browser.find_element(By.ID, "file").send_keys(image)
     wait.until(
         lambda d: d.find_element(By.ID, "results").get_attribute("data-state") in ("done", "error")
@@ -100,9 +102,15 @@ def test_page_uploads_an_image_and_shows_the_api_top_class(server, browser, woof
 
 def test_page_without_key_asks_for_one(server, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(server.url + "/")  # the page itself needs the key too
-    assert "missing API key" in browser.page_source
-    browser.get(f"{server.url}/?api_key={KEY}")
-    WebDriverWait(browser, 60).until(lambda d: "classes" in d.find_element(By.ID, "model").text)
+    browser.get(server.url + "/")  # the page is open; the API behind it is not
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.ID, "keybox").is_displayed())
+    assert browser.find_element(By.ID, "model").text == "API key needed"
+    browser.find_element(By.ID, "key").send_keys(KEY + Keys.ENTER)
+    wait.until(lambda d: "classes" in d.find_element(By.ID, "model").text)
+    assert KEY not in browser.current_url  # sent as the X-API-Key header, never in a URL
+    log = server.output()
+    assert KEY not in log

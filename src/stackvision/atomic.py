@@ -2,7 +2,10 @@
 crash until its successor is complete.
 
 Everything is written under a temporary name in the destination's own folder (same filesystem, so
-the final ``rename`` is atomic) and renamed into place only when complete.
+the final ``rename`` is atomic) and renamed into place only when complete. ``tempfile`` creates
+those private (0600 files, 0700 folders); what is renamed into place gets the permissions a plain
+``open``/``mkdir`` would have given it under the user's umask (0644/0755 under umask 022), so
+another account can read a model or an ``.onnx`` file as usual.
 """
 
 from __future__ import annotations
@@ -14,9 +17,38 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 
 import numpy as np
+
+_umask_lock = threading.Lock()
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux says it (``/proc``), else by the
+    set-and-restore dance (under a lock)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The mode ``os.mkdir`` gives a new folder: 0777 less the umask."""
+    return 0o777 & ~umask()
 
 
 @contextlib.contextmanager
@@ -31,6 +63,7 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, file_mode())  # mkstemp made it 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -66,7 +99,9 @@ def temp_dir_beside(path: str) -> str:
     """A new empty folder beside ``path`` (hidden, same filesystem) to build its successor in."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    os.chmod(tmp, dir_mode())  # mkdtemp made it 0700; it becomes the output itself
+    return tmp
 
 
 _RENAME_EXCHANGE = 2
@@ -112,6 +147,22 @@ def replace_dir(tmp: str, path: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _usual_modes(root: str) -> None:
+    """Give everything under ``root`` the umask's usual modes: some writers (safetensors, mkstemp)
+    create private 0600 files, which another account could not read once they are an output."""
+    fmode, dmode = file_mode(), dir_mode()
+    os.chmod(root, dmode)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, dmode)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str) -> Iterator[str]:
     """Yield an empty folder to fill; on success it replaces ``path`` (see :func:`replace_dir`).
@@ -119,6 +170,7 @@ def atomic_dir(path: str) -> Iterator[str]:
     tmp = temp_dir_beside(path)
     try:
         yield tmp
+        _usual_modes(tmp)
         replace_dir(tmp, path)
     finally:
         if os.path.isdir(tmp):

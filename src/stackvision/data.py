@@ -11,6 +11,7 @@ import codecs
 import csv
 import io
 import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -146,17 +147,52 @@ def read_text(path: str) -> str:
         ) from None
 
 
+def _control_chars(text: str) -> str:
+    """The control characters in ``text`` (NUL, newline, escape, DEL, ...), as escapes; '' if none."""
+    bad = dict.fromkeys(ch for ch in text if unicodedata.category(ch) in ("Cc", "Zl", "Zp"))
+    return " ".join(repr(ch)[1:-1] for ch in bad)
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def _check_row(csv_path: str, line: int, ident: str, label: str) -> None:
+    """Refuse an id or label holding control characters: a NUL or an escape sequence in a class
+    name ends up in the manifest, the terminal and the report; no real label has one."""
+    for what, value in (("label", label), ("id", ident)):
+        bad = _control_chars(value)
+        if bad:
+            raise StackvisionError(
+                f"{csv_path} line {line}: the {what} {_shown(value)} holds control "
+                f"character(s) {bad}",
+                f"remove them from the {what} column (labels and ids are plain text)",
+            )
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` lies inside ``folder``, by the names alone (``..`` resolved, symlinks not:
+    a folder of symlinks into a shared image pool stays usable)."""
+    folder = os.path.normpath(os.path.abspath(folder))
+    path = os.path.normpath(os.path.abspath(path))
+    return os.path.commonpath([folder, path]) == folder
+
+
 def from_csv(
     csv_path: str,
     images_dir: str | None = None,
     id_col: str | None = None,
     label_col: str | None = None,
+    allow_outside: bool = False,
 ) -> Listing:
     """A labels CSV (e.g. Kaggle's ``id,breed``) plus the folder that holds the images.
 
     Ids may carry an extension or not (``.jpg`` and the other image extensions are tried); they may
     be paths relative to ``images_dir`` (default: the CSV's folder). A row whose file is missing is
     an error naming the first few, because a silently smaller training set is worse than a stop.
+
+    An id that leads outside ``images_dir`` (``../../etc/passwd``, an absolute path) is refused
+    naming its line, unless ``allow_outside``; so is a label or id with control characters.
     """
     if not os.path.isfile(csv_path):
         raise StackvisionError(f"labels file not found: {csv_path}", "check the --labels path")
@@ -176,7 +212,9 @@ def from_csv(
             lbl = _pick_column(rest, label_col, _LABEL_COLUMNS, "label", csv_path)
         else:
             lbl = rest[0]
-        rows = [(r[idc], r[lbl]) for r in reader]
+        rows = []
+        for r in reader:  # line_num: the line where the record ends (a quoted field may span lines)
+            rows.append((reader.line_num, r[idc], r[lbl]))
     except csv.Error as exc:
         raise StackvisionError(
             f"{csv_path} line {reader.line_num}: {exc}",
@@ -198,12 +236,19 @@ def from_csv(
         ".JPEG",
         ".PNG",
     )
-    for ident, label in rows:
+    for line, ident, label in rows:
         ident = (ident or "").strip()
         label = (label or "").strip()
+        _check_row(csv_path, line, ident, label)
         if not ident or not label:
             missing.append(f"row with id '{ident}' and label '{label}' is incomplete")
             continue
+        if not allow_outside and not _inside(os.path.join(base, ident), base):
+            raise StackvisionError(  # an absolute id is fine if it names a file in the folder
+                f"{csv_path} line {line}: id '{ident}' leads outside the images folder {base}",
+                "give ids relative to --images (or, if you trust this CSV, pass "
+                "--allow-outside-images)",
+            )
         for ext in exts:
             cand = os.path.join(base, ident + ext)
             if os.path.exists(cand) and not os.path.isdir(cand):  # odd files: the decoder says why
@@ -250,16 +295,17 @@ def load_labelled(
     images_dir: str | None = None,
     id_col: str | None = None,
     label_col: str | None = None,
+    allow_outside: bool = False,
 ) -> Listing:
     """The labelled-data entry point the CLI uses: a class-folder tree or a labels CSV."""
     if labels_csv:
-        return from_csv(labels_csv, images_dir or data, id_col, label_col)
+        return from_csv(labels_csv, images_dir or data, id_col, label_col, allow_outside)
     if not data:
         raise StackvisionError(
             "no data given", "pass a folder of class subfolders, or --labels CSV --images DIR"
         )
     if os.path.isfile(data) and data.lower().endswith(".csv"):
-        return from_csv(data, images_dir, id_col, label_col)
+        return from_csv(data, images_dir, id_col, label_col, allow_outside)
     return from_folder(data)
 
 
@@ -276,7 +322,15 @@ def check_trainable(labels: list[str], folds: int = 1) -> None:
         small = sorted((n, c) for c, n in counts.items() if n < folds)
         if small:
             desc = ", ".join(f"'{c}' has {n}" for n, c in small[:5])
+            fewest = min(counts.values())
+            # k-fold needs every class in every fold: --folds up to the smallest class works; a
+            # class of one image cannot be cross-validated at all.
+            fix = (
+                f"add images to those classes or use --folds {fewest}"
+                if fewest >= 2
+                else "add images to the classes with a single image (k-fold needs at least 2 per "
+                "class), or use --folds 0 to train without cross-validation"
+            )
             raise StackvisionError(
-                f"{len(small)} class(es) have fewer images than --folds {folds}: {desc}",
-                f"add images to those classes or use --folds {max(2, min(counts.values()))}",
+                f"{len(small)} class(es) have fewer images than --folds {folds}: {desc}", fix
             )

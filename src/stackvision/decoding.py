@@ -75,6 +75,8 @@ def decode_item(path: str, pps: Sequence[tuple[Hashable, Preprocess]]) -> Result
         return {name: pp.to_uint8(img) for name, pp in pps}
     except ImageDecodeError as exc:
         return exc
+    except MemoryError:  # one image too large to resize: a listed bad image, not the end of a run
+        return ImageDecodeError(path, "out of memory while resizing it", too_large=True)
 
 
 def _decode_chunk(items: list[Item]) -> list:

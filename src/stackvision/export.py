@@ -34,6 +34,7 @@ import warnings
 import numpy as np
 
 from . import __version__
+from .atomic import file_mode
 from .errors import StackvisionError
 from .params import Interval, validate_params
 from .preprocess import Preprocess
@@ -363,6 +364,7 @@ def export_onnx(
             )
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=os.path.dirname(out))
     os.close(fd)
+    os.chmod(tmp, file_mode())  # the umask's normal mode, not mkstemp's 0600
     try:
         onnx.save(proto, tmp)
         os.replace(tmp, out)

@@ -106,6 +106,20 @@ def confident_mistakes(y: np.ndarray, proba: np.ndarray, limit: int = 24) -> lis
     return wrong[np.argsort(-conf)][:limit].tolist()
 
 
+def shown(text: str) -> str:
+    """``text`` as printable UTF-8: a file name that is not valid UTF-8 (its bytes held as lone
+    surrogates by Python) shows its odd bytes as ``\\xe9`` instead of failing the write."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte (from JSON, say)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _escape(text) -> str:
+    return html.escape(shown(str(text)))
+
+
 def _thumbnail(src: str, dst: str, size: int = 160) -> bool:
     from .images import ImageDecodeError, load_rgb
 
@@ -151,7 +165,7 @@ def write_report(
             p = int(proba[i].argmax())
             gallery.append((rel, paths[i], classes[int(y[i])], classes[p], float(proba[i, p])))
 
-    e = html.escape
+    e = _escape
     rows = "".join(
         f"<tr><td>{e(k)}</td><td>{metrics[k]:.4f}</td></tr>"
         if isinstance(metrics[k], float)
@@ -185,6 +199,6 @@ figure{{margin:0;width:170px;font-size:12px}}figure img{{width:160px;height:160p
 <h2>Images left out ({len(problems or [])})</h2><ul>{probs or "<li>none</li>"}</ul>
 </body></html>"""
     out = os.path.join(out_dir, "report.html")
-    with open(out, "w", encoding="utf-8") as fh:
+    with open(out, "w", encoding="utf-8", errors="backslashreplace") as fh:
         fh.write(page)
     return out

@@ -43,6 +43,8 @@ def _describe(doc: str) -> tuple[str, str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name prints as its own bytes
+        getattr(stream, "reconfigure", lambda **_: None)(errors="surrogateescape")
     args = build_parser().parse_args(argv)
     try:
         check_args(args)

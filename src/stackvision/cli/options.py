@@ -27,6 +27,7 @@ ARG_CONSTRAINTS = {
     "max_pixels": [POS],
     "max_upload_mb": [Interval(numbers.Real, 0, None, closed="neither")],
     "max_wait_ms": [Interval(numbers.Real, 0, None)],
+    "max_image_mb": [Interval(numbers.Real, 0, None, closed="neither"), None],
     "input_size": [Interval(numbers.Integral, 32, 2048), None],
 }
 
@@ -53,6 +54,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise StackvisionError(
             f"--cache {cache} is a file, not a folder", "give --cache a folder (it is created)"
         )
+    if getattr(args, "max_image_mb", None) is not None:  # an env var: decode processes see it too
+        from ..images import MAX_FILE_ENV
+
+        os.environ[MAX_FILE_ENV] = repr(float(args.max_image_mb))
 
 
 def kv(text: str) -> tuple[str, str]:
@@ -165,6 +170,13 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="stop at the first unreadable image instead of skipping it",
     )
+    g.add_argument(
+        "--max-image-mb",
+        type=float,
+        metavar="MB",
+        help="skip (list as bad) image files larger than this, before reading them "
+        "(default: $STACKVISION_MAX_IMAGE_MB or 100)",
+    )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r = p.add_argument_group("runner (where extraction runs; see docs/scaling.md)")
     r.add_argument(
@@ -210,6 +222,12 @@ def add_labels_csv(p: argparse.ArgumentParser, data_flag: str = "DATA") -> None:
     )
     p.add_argument("--id-col", help="CSV column with the image id or path (default: detected)")
     p.add_argument("--label-col", help="CSV column with the class label (default: detected)")
+    p.add_argument(
+        "--allow-outside-images",
+        action="store_true",
+        help="accept CSV ids that lead outside the images folder ('../x.jpg', absolute paths); "
+        "refused by default",
+    )
 
 
 def progress_enabled(args) -> bool:
@@ -245,6 +263,7 @@ def listing(args, data=None):
         args.images,
         args.id_col,
         args.label_col,
+        allow_outside=getattr(args, "allow_outside_images", False),
     )
 
 

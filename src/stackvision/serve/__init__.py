@@ -7,7 +7,9 @@ Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
 * ``GET /model``: classes, backbones, head, metrics, input contract, versions, serving stats.
 * ``GET /health``: liveness, request counters (server errors included) and batching counters
   (never needs the API key).
-* ``GET /``: a web page to try the model (drop an image, see the top-5 classes).
+* ``GET /``: a web page to try the model (drop an image, see the top-5 classes). It and ``/docs``
+  are static HTML open to all: they ask for the API key and send it as a header from JavaScript,
+  never in a URL.
 
 Every image is decoded and prepared in a worker thread (:func:`stackvision.export.prepare_image`,
 the same input contract as the ONNX export), then queued. One batching task takes whatever is

@@ -13,6 +13,7 @@ logged only at debug level, so one bad model does not flood the log.
 import asyncio  # no `from __future__ import annotations`: FastAPI reads the route annotations
 import contextlib
 import functools
+import json
 import logging
 import os
 import platform
@@ -21,14 +22,13 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from importlib import resources
-from urllib.parse import quote
 
 import numpy as np
 
 from .. import __version__
 from ..errors import StackvisionError
 from ..export import input_contract
-from .auth import key_dependency
+from .auth import key_dependency, redact_logs
 from .batching import Batcher
 from .requests import PREDICT_BODY, ApiError, BodyLimit, Limits, prepare, read_images
 
@@ -241,10 +241,28 @@ async def openapi(request: Request):
     return request.app.openapi()
 
 
+# Swagger UI fetches the (keyed) spec and tries requests with the key the web page stored for this
+# tab, as a header; without one it asks once. The key never goes into a URL.
+_DOCS_KEY_JS = """url: '/openapi.json',
+    requestInterceptor: (req) => {
+        let key = sessionStorage.getItem("stackvision-key") || "";
+        if (!key && NEED_KEY && !window.__askedKey) {
+            window.__askedKey = true;
+            key = (prompt("API key for this server") || "").trim();
+            if (key) sessionStorage.setItem("stackvision-key", key);
+        }
+        if (key && !req.headers["X-API-Key"]) req.headers["X-API-Key"] = key;
+        return req;
+    },"""
+
+
 async def docs(request: Request):
-    q = request.query_params.get("api_key")  # the page fetches the spec with the same key
-    url = "/openapi.json" + (f"?api_key={quote(q, safe='')}" if q else "")
-    return get_swagger_ui_html(openapi_url=url, title="stackvision API")
+    page = get_swagger_ui_html(openapi_url="/openapi.json", title="stackvision API")
+    need = json.dumps(bool(_service(request).api_key))
+    body = page.body.decode().replace(
+        "url: '/openapi.json',", _DOCS_KEY_JS.replace("NEED_KEY", need), 1
+    )
+    return HTMLResponse(body)
 
 
 async def index():
@@ -291,10 +309,10 @@ def _add_routes(app: FastAPI, require_key) -> None:
         "/health", health, summary="Liveness, request and batching counters (no API key needed)"
     )
     app.add_api_route("/model", model_info, dependencies=keyed, summary="What the model is")
-    hidden = {"include_in_schema": False, "dependencies": keyed}
-    app.add_api_route("/openapi.json", openapi, **hidden)
-    app.add_api_route("/docs", docs, **hidden)
-    app.add_api_route("/", index, **hidden)
+    app.add_api_route("/openapi.json", openapi, include_in_schema=False, dependencies=keyed)
+    # Static pages, open: they hold no data and send the key as a header from JavaScript.
+    app.add_api_route("/docs", docs, include_in_schema=False)
+    app.add_api_route("/", index, include_in_schema=False)
 
 
 # ---------------------------------------------------------------------- the app
@@ -314,7 +332,9 @@ DESCRIPTION = (
     "Image classification with a stackvision model. POST images to /predict (multipart "
     "field `file`, repeatable, or JSON with base64 images); GET /model describes the "
     "model. When the server has an API key, send it as the `X-API-Key` header (or "
-    "`Authorization: Bearer KEY`, or `?api_key=KEY`) on every route but /health. "
+    '`Authorization: Bearer KEY`) on every route but /health ("Authorize" on this page). '
+    "`?api_key=KEY` is still accepted but discouraged: URLs end up in logs and histories "
+    "(the server's own log shows it as `[redacted]`). "
     "Every response carries an `X-Request-ID` header; error bodies repeat it as `request_id`."
 )
 
@@ -358,6 +378,7 @@ def create_app(
     app.add_middleware(BodyLimit, limits=svc.limits)
     app.add_middleware(RequestContext, counters=svc.counters)
     _add_routes(app, key_dependency(api_key))
+    redact_logs(api_key)  # also when the caller runs uvicorn itself; serve() redoes it after
     return app
 
 
@@ -401,4 +422,14 @@ def serve(
         model_path=model_path,
     )
     _log_to_stderr(log_level)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
+    )  # configures uvicorn's loggers: the key filter goes on after
+    redact_logs(api_key)
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:  # uvicorn has logged why (a port in use, say)
+        raise StackvisionError(
+            f"the server could not start on {host}:{port}",
+            "see the message above (is the port in use? try another --port)",
+        )

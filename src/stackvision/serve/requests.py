@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..export import prepare_image
-from ..images import ImageDecodeError
+from ..images import ImageDecodeError, probe
 from ..preprocess import Preprocess
 
 FORMATS_HINT = "send a JPEG, PNG, WebP, BMP, GIF or TIFF file"
@@ -233,37 +232,43 @@ def _decode_base64(i: int, item, limits: Limits) -> tuple[str, bytes]:
 
 
 # ---------------------------------------------------------------------- image preparation
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header, without decoding the pixels; None if unreadable."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Exception:
-        return None
+def _too_many_pixels(name: str, detail: str, limits: Limits) -> ApiError:
+    return ApiError(
+        413,
+        f"image {name} has {detail} pixels, over the limit of {limits.max_pixels}",
+        "send a smaller image (e.g. resized to 1024 px)",
+    )
 
 
 def prepare(name: str, data: bytes, pp: Preprocess, limits: Limits) -> np.ndarray:
-    """The model's uint8 (S, S, 3) input for one encoded image (runs in a worker thread)."""
-    size = image_size(data)
-    if size is None:
+    """The model's uint8 (S, S, 3) input for one encoded image (runs in a worker thread).
+
+    400 for an unreadable or unusable image (corrupt, an absurd aspect ratio), 413 for one over a
+    size limit, whether the header says so (``limits.max_pixels``, checked before decoding) or the
+    decoder does (Pillow's decompression-bomb limit, memory).
+    """
+    try:
+        _, w, h = probe(data, name)
+    except ImageDecodeError as exc:
+        if exc.too_large:  # too large for Pillow to even open: over any pixel limit
+            raise _too_many_pixels(name, "too many", limits) from None
         raise ApiError(
             400,
             f"image {name} is not a readable image (unknown format or corrupt header)",
             FORMATS_HINT,
-        )
-    w, h = size
+        ) from None
     if w * h > limits.max_pixels:
-        raise ApiError(
-            413,
-            f"image {name} has {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}",
-            "send a smaller image",
-        )
+        raise _too_many_pixels(name, f"{w}x{h} = {w * h}", limits)
     try:
         return prepare_image(data, pp)
     except ImageDecodeError as exc:
+        if exc.too_large:
+            raise ApiError(413, f"image {name}: {exc.reason}", "send a smaller image") from None
         raise ApiError(400, f"image {name}: {exc.reason}", "send an intact image file") from None
+    except MemoryError:  # resizing: one request must not take the server down
+        raise ApiError(
+            413, f"image {name} is too large to prepare", "send a smaller image"
+        ) from None
 
 
 # ---------------------------------------------------------------------- OpenAPI description

@@ -6,7 +6,6 @@ docs at /docs. Concurrent requests are batched together.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from .. import options as opt
@@ -19,9 +18,15 @@ def add_arguments(sv) -> None:
     )
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     sv.add_argument(
-        "--api-key",
-        help="require this key (X-API-Key header) on every route but /health "
+        "--api-key-file",
+        metavar="PATH",
+        help="require the key in this file (X-API-Key header) on every route but /health "
         "(default: $STACKVISION_API_KEY; none when unset)",
+    )
+    sv.add_argument(
+        "--api-key",
+        help="deprecated: the key shows in ps to every account; use $STACKVISION_API_KEY or "
+        "--api-key-file",
     )
     sv.add_argument(
         "--max-batch", type=int, default=32, help="most images per forward pass (default: 32)"
@@ -56,12 +61,15 @@ def add_arguments(sv) -> None:
 
 def run(args) -> int:
     from ...serve import API_KEY_ENV, LOOPBACK, Limits, serve
+    from ...serve.auth import resolve_key
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key, warnings = resolve_key(args.api_key, args.api_key_file)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if args.host not in LOOPBACK and not api_key:
         print(
             f"warning: serving on {args.host} without an API key: anyone who can reach this "
-            f"address can use the model (set --api-key or {API_KEY_ENV})",
+            f"address can use the model (set {API_KEY_ENV} or --api-key-file)",
             file=sys.stderr,
         )
     limits = Limits(
