@@ -84,6 +84,8 @@ def add_numbers(p: argparse.ArgumentParser, rows) -> None:
     """Numeric options from a table of (flag, type, default, help); the default joins the help."""
     for flag, kind, default, text in rows:
         shown = "" if default is None else f" (default: {default:g})"
+        if isinstance(default, int):
+            shown = f" (default: {default})"
         p.add_argument(flag, type=kind, default=default, help=text + shown)
 
 

@@ -10,13 +10,22 @@ import sys
 
 from .. import options as opt
 
+#: (flag, type, default, help) of the port and the service's limits
+SERVICE_NUMBERS = (
+    ("--port", int, 8000, "port"),
+    ("--max-batch", int, 32, "most images per forward pass"),
+    ("--max-wait-ms", float, 5.0, "how long a batch waits for more requests"),
+    ("--max-upload-mb", float, 10.0, "largest image file"),
+    ("--max-pixels", int, 40_000_000, "largest image, width x height"),
+    ("--max-images", int, 16, "most images per request"),
+)
+
 
 def add_arguments(sv) -> None:
     opt.add_model(sv)
     sv.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)"
     )
-    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     sv.add_argument(
         "--api-key-file",
         metavar="PATH",
@@ -28,27 +37,7 @@ def add_arguments(sv) -> None:
         help="deprecated: the key shows in ps to every account; use $STACKVISION_API_KEY or "
         "--api-key-file",
     )
-    sv.add_argument(
-        "--max-batch", type=int, default=32, help="most images per forward pass (default: 32)"
-    )
-    sv.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=5.0,
-        help="how long a batch waits for more requests (default: 5)",
-    )
-    sv.add_argument(
-        "--max-upload-mb", type=float, default=10.0, help="largest image file (default: 10)"
-    )
-    sv.add_argument(
-        "--max-pixels",
-        type=int,
-        default=40_000_000,
-        help="largest image, width x height (default: 40000000)",
-    )
-    sv.add_argument(
-        "--max-images", type=int, default=16, help="most images per request (default: 16)"
-    )
+    opt.add_numbers(sv, SERVICE_NUMBERS)
     sv.add_argument(
         "--log-level",
         default="info",
