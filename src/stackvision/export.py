@@ -28,13 +28,12 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import warnings
 
 import numpy as np
 
 from . import __version__
-from .atomic import file_mode
+from .atomic import atomic_path
 from .errors import StackvisionError
 from .params import Interval, validate_params
 from .preprocess import Preprocess
@@ -362,15 +361,8 @@ def export_onnx(
                 f"the exported graph differs from the model by {info['max_abs_diff']:.2e}",
                 "nothing was written; report this as a bug (--no-check writes it anyway)",
             )
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=os.path.dirname(out))
-    os.close(fd)
-    os.chmod(tmp, file_mode())  # the umask's normal mode, not mkstemp's 0600
-    try:
+    with atomic_path(out, ".onnx") as tmp:  # complete or absent, with the umask's mode
         onnx.save(proto, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     info["bytes"] = os.path.getsize(out)
     return info
 

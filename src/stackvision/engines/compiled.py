@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..atomic import atomic_open
 from ..backbones import BackboneSpec
 from ..errors import StackvisionError
 
@@ -107,10 +108,8 @@ def _atomic_tmp(final: str, suffix: str) -> str:
 def _write_json(path: str, data: dict) -> None:
     if os.path.exists(path):
         return
-    tmp = _atomic_tmp(path, ".tmp")
-    with open(tmp, "w") as fh:
+    with atomic_open(path, "w") as fh:
         json.dump(data, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def export_onnx(spec: BackboneSpec, pool: str = "avg", cache_dir: str | None = None) -> str:
