@@ -19,23 +19,9 @@ from PIL import ImageFile
 from stackvision.cli import main
 from stackvision.preprocess import Preprocess
 
+from .cli_helpers import one_line_error, train
 from .conftest import ROOT
 from .hostile_inputs import png_bytes, write_bytes_name
-
-
-def one_line_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
-
-
-def train(data, out, cache_dir, *extra) -> int:
-    return main(
-        ["train", str(data), "--out", str(out), "--backbones", "lite0", "--folds", "2"]
-        + ["--tta", "none", "--cache", cache_dir, "-q", *map(str, extra)]
-    )
 
 
 def cli(*args, env=None, timeout=300):
