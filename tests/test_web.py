@@ -96,6 +96,8 @@ def test_page_uploads_an_image_and_shows_the_api_top_class(server, browser, woof
 
     assert labels[0] == api[0]["class"]
     assert labels == [t["class"] for t in api][:5]
+    # the heading says how many classes there are to show: 4 for this 4-class model, never "5"
+    assert browser.find_element(By.ID, "top-title").text == f"Top {min(5, len(api))} classes"
     assert probs[0] == f"{100 * api[0]['probability']:.1f}%"
     assert browser.execute_script("return document.getElementById('preview').naturalWidth") > 0
 
