@@ -322,3 +322,31 @@ def test_huge_csv_field_gets_a_clear_error(woof_train, cache_dir, tmp_path, caps
     assert main(["extract", "--labels", str(csv_path), "--images", str(images),
                  "--cache", cache_dir, "-q"]) == 2  # fmt: skip
     one_line_error(capsys, "labels.csv line", "field larger than field limit", "quote")
+
+
+def test_partial_kaggle_csv_goes_on_with_a_flag(woof_train, cache_dir, tmp_path, capsys):
+    """A labels.csv listing more ids than were downloaded: refused by default, naming the flag;
+    with --skip-missing-images the rows with files train and the rest are listed as problems."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["id,breed"]
+    for cls in sorted(os.listdir(woof_train))[:2]:
+        for f in sorted(os.listdir(woof_train / cls))[:4]:
+            shutil.copyfile(woof_train / cls / f, images / f)
+            rows.append(f"{f.rsplit('.', 1)[0]},{cls}")
+    rows += ["never_downloaded_1,x", "never_downloaded_2,y"]
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    args = ["--labels", str(csv_path), "--images", str(images)]
+    out = tmp_path / "m"
+    assert train("", out, cache_dir, *args) == 2
+    one_line_error(capsys, "2 row(s)", "--skip-missing-images")
+    assert train("", out, cache_dir, *args, "--skip-missing-images") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == 8
+    missing = [p for p in metrics["problems"] if "no image file" in p["reason"]]
+    assert sorted(os.path.basename(p["path"]) for p in missing) == [
+        "never_downloaded_1",
+        "never_downloaded_2",
+    ]
+    assert "2 file(s) left out" in capsys.readouterr().out

@@ -184,6 +184,7 @@ def from_csv(
     id_col: str | None = None,
     label_col: str | None = None,
     allow_outside: bool = False,
+    skip_missing: bool = False,
 ) -> Listing:
     """A labels CSV (e.g. Kaggle's ``id,breed``) plus the folder that holds the images.
 
@@ -241,7 +242,8 @@ def from_csv(
         label = (label or "").strip()
         _check_row(csv_path, line, ident, label)
         if not ident or not label:
-            missing.append(f"row with id '{ident}' and label '{label}' is incomplete")
+            what = f"row with id '{ident}' and label '{label}' is incomplete"
+            missing.append((f"{csv_path}:{line}", what, what))
             continue
         if not allow_outside and not _inside(os.path.join(base, ident), base):
             raise StackvisionError(  # an absolute id is fine if it names a file in the folder
@@ -256,18 +258,21 @@ def from_csv(
                 labels.append(label)
                 break
         else:
-            missing.append(ident)
-    if missing:
-        shown = ", ".join(missing[:5]) + (
+            why = f"listed in {os.path.basename(csv_path)} line {line} but no image file found"
+            missing.append((os.path.join(base, ident), why, ident))
+    if missing and not skip_missing:
+        shown = ", ".join(m[2] for m in missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         )
-        raise StackvisionError(
+        raise StackvisionError(  # a silently smaller training set is worse than a stop
             f"{len(missing)} row(s) of {csv_path} have no image file in {base}: {shown}",
-            "fix the CSV or the --images folder",
+            "fix the CSV or the --images folder, or pass --skip-missing-images to go on with "
+            "the rows that have files (the rest are listed as problems)",
         )
+    problems = [Problem(where, why) for where, why, _ in missing]
     if not paths:
         raise StackvisionError(f"{csv_path} lists no images", "add rows 'id,label'")
-    return Listing(paths, labels, [], source=os.path.abspath(csv_path))
+    return Listing(paths, labels, problems, source=os.path.abspath(csv_path))
 
 
 def from_paths(inputs: list[str]) -> Listing:
@@ -296,16 +301,19 @@ def load_labelled(
     id_col: str | None = None,
     label_col: str | None = None,
     allow_outside: bool = False,
+    skip_missing: bool = False,
 ) -> Listing:
     """The labelled-data entry point the CLI uses: a class-folder tree or a labels CSV."""
     if labels_csv:
-        return from_csv(labels_csv, images_dir or data, id_col, label_col, allow_outside)
+        return from_csv(
+            labels_csv, images_dir or data, id_col, label_col, allow_outside, skip_missing
+        )
     if not data:
         raise StackvisionError(
             "no data given", "pass a folder of class subfolders, or --labels CSV --images DIR"
         )
     if os.path.isfile(data) and data.lower().endswith(".csv"):
-        return from_csv(data, images_dir, id_col, label_col, allow_outside)
+        return from_csv(data, images_dir, id_col, label_col, allow_outside, skip_missing)
     return from_folder(data)
 
 

@@ -230,6 +230,12 @@ def add_labels_csv(p: argparse.ArgumentParser, data_flag: str = "DATA") -> None:
         help="accept CSV ids that lead outside the images folder ('../x.jpg', absolute paths); "
         "refused by default",
     )
+    p.add_argument(
+        "--skip-missing-images",
+        action="store_true",
+        help="go on with the CSV rows that have an image file, listing the others as problems "
+        "(e.g. a Kaggle labels.csv with only part of the images downloaded); refused by default",
+    )
 
 
 def progress_enabled(args) -> bool:
@@ -266,6 +272,7 @@ def listing(args, data=None):
         args.id_col,
         args.label_col,
         allow_outside=getattr(args, "allow_outside_images", False),
+        skip_missing=getattr(args, "skip_missing_images", False),
     )
 
 
