@@ -196,6 +196,7 @@ class StackedClassifier(ModelBase):
             class_weight=cw,
             calibrate=self.calibrate,
             seed=self.seed,
+            progress=self._runtime().progress,
         )
         self.heads_, self.histories_, self.splits_ = res.heads, res.histories, res.splits
         self.train_paths_ = [feats.paths[i] for i in res.train_idx]

@@ -24,6 +24,8 @@ from .decoding import DecodePool, default_kind, default_workers
 from .engines import create_engine, numbers_id
 from .errors import StackvisionError
 from .images import ImageDecodeError, read_bytes
+from .progress import progress as progress_bar
+from .progress import say
 
 
 @dataclass
@@ -145,7 +147,13 @@ def extract(
             for s in active
         }
         batches = [need[i : i + batch_size] for i in range(0, len(need), batch_size)]
-        bar = _progress(len(need), "+".join(s.name for s in active), progress)
+        names = "+".join(s.name for s in active)
+        say(
+            f"extract: {len(need):,} image(s) x {len(views)} view(s) to compute through {names}; "
+            f"{n_cached:,} from the cache",
+            progress,
+        )
+        bar = progress_bar(len(need), f"extract {names}", "img", progress)
         seen: set[tuple[str, str]] = set()
 
         def work(batch):
@@ -276,19 +284,3 @@ def _calibrations(paths, hashes, specs, precision, given: dict[str, str]) -> dic
         else Calibration.from_images(paths, s, hashes=hashes)
         for s in specs
     }
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"extract {desc}", unit="img", dynamic_ncols=True, smoothing=0.1)

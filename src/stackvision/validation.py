@@ -66,11 +66,14 @@ def fit_head(kind, params, X, y, n_classes, train_idx, val_idx, n_views, class_w
 
 
 def cross_validate(
-    kind, params, X, y, n_classes, splits, n_views, class_weight=None, seed=0
+    kind, params, X, y, n_classes, splits, n_views, class_weight=None, seed=0, progress=False
 ) -> FoldResult:
     """One head per split; out-of-fold probabilities for every validated row."""
+    from .progress import progress as progress_bar
+
     res = FoldResult(oof_proba=np.zeros((len(y), n_classes), np.float64))
     covered = np.zeros(len(y), bool)
+    bar = progress_bar(len(splits), f"{kind} heads", "fold", progress)
     for fi, (tr, va) in enumerate(splits):
         head = fit_head(
             kind,
@@ -88,6 +91,8 @@ def cross_validate(
         res.histories.append(head.history)
         res.oof_proba[va] = predict_views(head, X[va], n_views)
         covered[va] = True
+        bar.update(1)
+    bar.close()
     res.oof_index = np.flatnonzero(covered)
     res.oof_proba = res.oof_proba[res.oof_index]
     return res
@@ -141,7 +146,20 @@ class StackFit:
 
 
 def fit_stack_heads(
-    kind, params, X, y, classes, *, folds, val_split, val, n_views, class_weight, calibrate, seed
+    kind,
+    params,
+    X,
+    y,
+    classes,
+    *,
+    folds,
+    val_split,
+    val,
+    n_views,
+    class_weight,
+    calibrate,
+    seed,
+    progress=False,
 ) -> StackFit:
     """Heads on stacked features ``X`` (N, n_views, D) with labels ``y``, calibrated and scored.
 
@@ -154,7 +172,7 @@ def fit_stack_heads(
     n = len(classes)
     if folds >= 2:
         splits = kfold_splits(y, folds, seed)
-        res = cross_validate(kind, params, X, y, n, splits, n_views, class_weight, seed)
+        res = cross_validate(kind, params, X, y, n, splits, n_views, class_weight, seed, progress)
         t = fit_temperature(res.oof_proba, y) if calibrate else 1.0
         oof = apply_temperature(res.oof_proba, t)
         out = StackFit(res.heads, res.histories, t, np.arange(len(y)), splits, oof)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import numbers
 import os
-import sys
 
 from ..errors import StackvisionError
 from ..params import Interval, InvalidParameter, validate_params
@@ -239,9 +238,8 @@ def add_labels_csv(p: argparse.ArgumentParser, data_flag: str = "DATA") -> None:
 
 
 def progress_enabled(args) -> bool:
-    return (not getattr(args, "quiet", False) and sys.stderr.isatty()) or os.environ.get(
-        "STACKVISION_PROGRESS"
-    ) == "1"
+    """Progress unless ``-q``: a bar on a terminal, plain lines in a log (see progress.py)."""
+    return not getattr(args, "quiet", False)
 
 
 def runtime(args, **changes) -> Runtime:

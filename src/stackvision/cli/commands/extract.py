@@ -97,6 +97,10 @@ def run(args) -> int:
         "cached": st["n_cached"],
         "computed": st["n_computed"],
         "img/s": st["images_per_second"],
+        # one image = one pass per backbone and view: compare this with a one-view loop
+        "passes/s": round(st["images_per_second"] * len(specs) * len(views), 1)
+        if st["images_per_second"]
+        else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(table([row], list(row)))

@@ -138,7 +138,12 @@ def run(args) -> int:
     say(
         args,
         f"features: {st['n_computed']} images computed, {st['n_cached']} from cache"
-        + (f", {st['images_per_second']} img/s" if st["images_per_second"] else ""),
+        + (
+            f", {st['images_per_second']} img/s = "
+            f"{st['images_per_second'] * len(model.specs_) * model.n_views_:.1f} backbone passes/s"
+            if st["images_per_second"]
+            else ""
+        ),
     )
     rows = []
     if model.metrics_:
