@@ -43,6 +43,15 @@ class Features:
         names = list(names or self.blocks)
         return np.concatenate([self.blocks[n] for n in names], axis=-1)
 
+    def subset(self, rows: np.ndarray) -> Features:
+        """The same features for ``rows`` only (positions in ``paths``)."""
+        if len(rows) == len(self.paths):
+            return self
+        return Features(
+            [self.paths[i] for i in rows], self.index[rows], [self.hashes[i] for i in rows],
+            self.views, {n: b[rows] for n, b in self.blocks.items()}, self.problems, self.stats,
+        )  # fmt: skip
+
 
 def model_device(engine: str = "auto", device: str = "auto", precision: str = "fp32") -> str:
     """Where the backbones will run: ``cuda...`` for the torch engine on a GPU, else ``cpu``."""
