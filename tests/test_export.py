@@ -105,3 +105,18 @@ def test_export_user_errors(tiny_model, tmp_path, capsys):
         export_onnx(object(), str(tmp_path / "x.onnx"))
     with pytest.raises(StackvisionError, match="uint8 batch of shape"):
         load_model(str(tiny_model)).forward_uint8(np.zeros((1, 100, 100, 3), np.uint8))
+
+
+@pytest.mark.parametrize("fixture", ["stack_dir", "ft_dir", "ens_dir"])
+def test_an_empty_batch_gives_zero_rows_of_probabilities(fixture, request, cache_dir, tmp_path):
+    import onnxruntime as ort
+
+    model = load_model(str(request.getfixturevalue(fixture)), cache_dir=cache_dir)
+    out = tmp_path / "model.onnx"
+    export_onnx(model, str(out), check=False)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    size = model.input_preprocess().input_size
+    for n in (0, 1, 3):
+        batch = np.zeros((n, size, size, 3), np.uint8)
+        (proba,) = sess.run(None, {sess.get_inputs()[0].name: batch})
+        assert proba.shape == (n, len(model.classes_))

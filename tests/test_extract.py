@@ -52,6 +52,30 @@ def test_adding_a_backbone_computes_only_that_backbone(woof_train, tmp_path):
     assert flips.stats["computed_per_backbone"] == {"lite0": 6}
 
 
+def test_adding_tta_flip_computes_the_flip_view_only(woof_train, tmp_path, monkeypatch):
+    import stackvision.extract as ex
+
+    paths = _paths(woof_train)[:5]
+    cache = FeatureCache(str(tmp_path))
+    extract(paths, [resolve("lite0")], cache=cache)
+    fed: list[int] = []
+    real = ex.create_engine
+
+    def counting(*a, **k):
+        engine = real(*a, **k)
+        features = engine.features
+        engine.features = lambda x: (fed.append(len(x)), features(x))[1]
+        return engine
+
+    monkeypatch.setattr(ex, "create_engine", counting)
+    flips = extract(paths, [resolve("lite0")], views=("orig", "flip"), cache=cache)
+    assert sum(fed) == 5  # the 5 flipped images; the cached orig view is not run again
+    assert flips.stacked().shape == (5, 2, 1280)
+    again = extract(paths + _paths(woof_train)[5:7], [resolve("lite0")], views=("orig", "flip"),
+                    cache=cache)  # fmt: skip
+    assert sum(fed) == 5 + 4 and again.stats["n_computed"] == 2  # new images: both views
+
+
 def test_changed_image_is_recomputed_renamed_one_is_not(woof_train, tmp_path):
     work = tmp_path / "imgs"
     work.mkdir()

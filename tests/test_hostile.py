@@ -12,6 +12,8 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from PIL import ImageFile
@@ -283,3 +285,24 @@ def test_folds_advice_is_a_value_that_works(woof_train, cache_dir, tmp_path, cap
     err = one_line_error(capsys, f"'{small}' has {left}")
     assert re.findall(r"--folds \d+", err.split(". ", 1)[1]) == [advised]
     assert main([*args, *advised.split()]) == 0, capsys.readouterr().err
+
+
+def test_a_killed_engine_build_leaves_no_temp_files_behind(tmp_path):
+    from stackvision.backbones import resolve
+    from stackvision.engines.compiled import engines_dir, export_key, export_onnx
+
+    spec = resolve("lite0")
+    folder = Path(engines_dir(str(tmp_path)))
+    folder.mkdir(parents=True)
+    key = export_key(spec, "avg")
+    (folder / f"{key}.onnx").write_bytes(b"built")  # cached: export_onnx only tidies
+    stale = [f"{key}.onnx.ab3_x9qz.onnx.tmp", f"{key}.onnx.k2j4h5g6.pre.onnx",
+             f"{key}.int8.xml.zz00yy11.xml", f"{key}.int8.xml.zz00yy11.bin"]  # fmt: skip
+    fresh = f"{key}.onnx.q1w2e3r4.onnx.tmp"  # another process building right now
+    for name in [*stale, fresh, f"{key}.json"]:
+        (folder / name).write_bytes(b"x")
+    old = time.time() - 2 * 3600
+    for name in [*stale, f"{key}.json"]:
+        os.utime(folder / name, (old, old))
+    assert export_onnx(spec, cache_dir=str(tmp_path)).endswith(".onnx")
+    assert sorted(os.listdir(folder)) == sorted([f"{key}.onnx", fresh, f"{key}.json"])

@@ -106,6 +106,15 @@ def test_ray_reuses_local_cache_and_finishes_a_partial_run(
     assert np.array_equal(rest.blocks["lite0"][-1], rest.blocks["lite0"][9])
     assert len(_store(part, lite0[0])) == 24 * len(VIEWS)
 
+    # orig cached locally, flip added on Ray: the flip rows are filled, orig ones kept
+    views_part = str(tmp_path / "views")
+    extract(paths[:8], lite0, views=("orig",), cache=FeatureCache(views_part), batch_size=8)
+    both = extract_ray(
+        paths[:8], lite0, views=VIEWS, cache=FeatureCache(views_part), batch_size=8, actors=1
+    )
+    assert np.abs(both.blocks["lite0"] - full.blocks["lite0"][:8]).max() <= 1e-5
+    assert len(_store(views_part, lite0[0])) == 8 * len(VIEWS)
+
 
 def test_killed_actor_loses_nothing_and_computes_nothing_twice(
     ray_cluster, lite0, woof_val, tmp_path

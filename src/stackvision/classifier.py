@@ -16,6 +16,7 @@ from .backbones import DEFAULT_STACK, POOLS, BackboneSpec, resolve, saved_spec
 from .base import ModelBase, Predictions, largest_input
 from .cache import FeatureCache
 from .data import check_trainable
+from .duplicates import find_duplicates
 from .errors import StackvisionError
 from .extract import Features
 from .heads import HEADS, make_head
@@ -169,7 +170,11 @@ class StackedClassifier(ModelBase):
         feats = self._features(X)
         # int8: validation and later predictions reuse the training images' calibration sets
         self.calibration_ = feats.stats.get("calibration") or None
-        self.problems_ = list(feats.problems)
+        dups = find_duplicates(
+            feats.paths, feats.hashes, [y[i] for i in feats.index], strict=self._runtime().strict
+        )
+        feats = feats.subset(dups.keep)  # copies with two labels left out (listed problems)
+        self.problems_ = list(feats.problems) + dups.problems
         yk = np.asarray([index[y[i]] for i in feats.index], np.int64)
         check_trainable([self.classes_[i] for i in yk], self.folds)
         Xs = feats.stacked()
@@ -197,7 +202,10 @@ class StackedClassifier(ModelBase):
             calibrate=self.calibrate,
             seed=self.seed,
             progress=self._runtime().progress,
+            groups=dups.groups,
         )
+        if res.metrics is not None:
+            res.metrics["duplicates"] = dups.summary()
         self.heads_, self.histories_, self.splits_ = res.heads, res.histories, res.splits
         self.train_paths_ = [feats.paths[i] for i in res.train_idx]
         self.train_y_ = yk[res.train_idx]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .metrics import classification_metrics
 from .validation import (
     apply_temperature,
@@ -24,7 +26,8 @@ def compare_table(model) -> list[dict]:
     """
     feats = model._features_cache
     y = model._feature_y  # labels of every usable training image, aligned with feats
-    splits = model.splits_ or kfold_splits(y, 5, model.seed)
+    groups = np.unique(feats.hashes, return_inverse=True)[1]  # identical images: one side
+    splits = model.splits_ or kfold_splits(y, 5, model.seed, groups)
     names = [s.name for s in model.specs_]
     configs = [[n] for n in names] + ([names] if len(names) > 1 else [])
     view_opts = [1, 2] if len(feats.views) == 2 else [1]

@@ -54,9 +54,35 @@ def _require_dir(path: str, what: str) -> None:
         raise StackvisionError(f"{what} is not a folder: {path}", "give a folder of images")
 
 
-def _walk_images(root: str) -> tuple[list[str], list[Problem]]:
+def _dir_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _walk_images(
+    root: str, seen: set[tuple[int, int]] | None = None
+) -> tuple[list[str], list[Problem]]:
+    """Image files below ``root``, following symlinked folders but entering each real folder
+    once (by device and inode): a symlink loop or a second link to a folder adds no rows.
+    ``seen``: folders not to enter (shared between the class folders of one data set)."""
     images, problems = [], []
+    seen = set() if seen is None else seen
+    seen.discard(_dir_id(root))
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        ident = _dir_id(dirpath)
+        if ident is None or ident in seen:
+            dirnames[:] = []
+            problems.append(
+                Problem(
+                    dirpath,
+                    "a link to a folder listed elsewhere in the data (or a symlink loop); skipped",
+                )
+            )
+            continue
+        seen.add(ident)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
@@ -84,8 +110,11 @@ def from_folder(root: str) -> Listing:
             "or use --labels labels.csv --images DIR",
         )
     paths, labels, problems = [], [], []
+    # the root and every class folder are entered only as themselves: a link from one class
+    # into another (or up to the root) never relabels the other class's images
+    seen = {_dir_id(os.path.join(root, d)) for d in ["", *classes]} - {None}
     for cls in classes:
-        found, bad = _walk_images(os.path.join(root, cls))
+        found, bad = _walk_images(os.path.join(root, cls), seen)
         paths += found
         labels += [cls] * len(found)
         problems += bad

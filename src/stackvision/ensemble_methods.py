@@ -131,7 +131,7 @@ def ensemble_module(subs, columns, method: str, fitted):
                 return P.mean(0)
             if method == "weighted":
                 return (self.w.view(-1, 1, 1) * P).sum(0)
-            z = torch.log(torch.clamp(P, _EPS, 1.0)).permute(1, 0, 2).reshape(P.shape[1], -1)
+            z = torch.log(torch.clamp(P, _EPS, 1.0)).permute(1, 0, 2).flatten(1)
             return torch.softmax(((z - self.mean) / self.scale) @ self.W.T + self.b, dim=1)
 
     return EnsembleModule().eval()

@@ -240,7 +240,8 @@ def _torch_module_class():
                 p = torch.softmax(z, dim=1)
                 probs = p if probs is None else probs + p
             probs = probs / len(self._heads)
-            probs = probs.reshape(self.n_views, n, -1).mean(0)
+            if self.n_views == 2:  # slices, not a reshape: ONNX Reshape reads a 0 dim as "copy"
+                probs = (probs[:n] + probs[n:]) / 2  # so an empty batch came out (C, 0)
             if self.temperature != 1.0:
                 logp = torch.log(torch.clamp(probs, 1e-12, 1.0))
                 probs = torch.softmax(logp / self.temperature, dim=1)

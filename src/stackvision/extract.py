@@ -45,6 +45,15 @@ class Features:
         names = list(names or self.blocks)
         return np.concatenate([self.blocks[n] for n in names], axis=-1)
 
+    def subset(self, rows: np.ndarray) -> Features:
+        """The same features for ``rows`` only (positions in ``paths``)."""
+        if len(rows) == len(self.paths):
+            return self
+        return Features(
+            [self.paths[i] for i in rows], self.index[rows], [self.hashes[i] for i in rows],
+            self.views, {n: b[rows] for n, b in self.blocks.items()}, self.problems, self.stats,
+        )  # fmt: skip
+
 
 def model_device(engine: str = "auto", device: str = "auto", precision: str = "fp32") -> str:
     """Where the backbones will run: ``cuda...`` for the torch engine on a GPU, else ``cpu``."""
@@ -124,7 +133,8 @@ def extract(
     }
 
     # 2. Which (image, backbone) pairs are missing any requested view.
-    live, todo = missing(stores, hashes, views)
+    live, lacking = missing_by_view(stores, hashes, views)  # only these (hash, view) are computed
+    todo = {name: set().union(*lack.values()) for name, lack in lacking.items()}
     need = [i for i, h in enumerate(hashes) if h is not None and any(h in t for t in todo.values())]
     need = list(dict.fromkeys(need))
     n_cached = len(live) - len(need)
@@ -186,10 +196,14 @@ def extract(
                     hs = [h for h, _ in items]
                     x = np.stack([a for _, a in items])
                     rows = []
-                    for v in views:
-                        xv = x if v == "orig" else np.ascontiguousarray(x[:, :, ::-1])
+                    for v in views:  # a view already cached (orig, when flip is added) is kept
+                        sel = [k for k, h in enumerate(hs) if h in lacking[name][v]]
+                        if not sel:
+                            continue
+                        xs = x if len(sel) == len(hs) else x[sel]
+                        xv = xs if v == "orig" else np.ascontiguousarray(xs[:, :, ::-1])
                         feats = engines[name].features(xv)
-                        rows += [(h, v, f) for h, f in zip(hs, feats)]
+                        rows += [(hs[k], v, f) for k, f in zip(sel, feats)]
                     stores[name].put_many(rows)
                     computed[name] += len(items)
                 bar.update(len(batch))
@@ -236,14 +250,18 @@ def check_args(views, batch_size) -> None:
         )
 
 
+def missing_by_view(stores, hashes, views) -> tuple[list[str], dict[str, dict[str, set[str]]]]:
+    """The usable hashes, and per backbone and view the hashes its store lacks."""
+    live = [h for h in hashes if h is not None]
+    return live, {
+        name: {v: store.missing(live, v) for v in views} for name, store in stores.items()
+    }
+
+
 def missing(stores, hashes, views) -> tuple[list[str], dict[str, set[str]]]:
     """The usable hashes, and per backbone the hashes that lack any of ``views`` in its store."""
-    live = [h for h in hashes if h is not None]
-    todo = {
-        name: set().union(*(store.missing(live, v) for v in views))
-        for name, store in stores.items()
-    }
-    return live, todo
+    live, by_view = missing_by_view(stores, hashes, views)
+    return live, {name: set().union(*lack.values()) for name, lack in by_view.items()}
 
 
 def collect(paths, hashes, failed, stores, specs, views, *, strict=False, assemble=True):

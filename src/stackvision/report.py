@@ -185,6 +185,11 @@ def write_report(
     probs = "".join(
         f"<li><code>{e(pr.path)}</code>: {e(pr.reason)}</li>" for pr in (problems or [])
     )
+    dup = metrics.get("duplicates") or {}
+    dups = "".join(
+        "<li>" + ", ".join(f"<code>{e(x)}</code>" for x in group) + "</li>"
+        for group in dup.get("sets", [])
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 9px;text-align:right}}
@@ -196,6 +201,8 @@ figure{{margin:0;width:170px;font-size:12px}}figure img{{width:160px;height:160p
 <h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>images</th></tr>{pc}</table>
 {imgs}
 <h2>Most confident mistakes</h2><div class="gallery">{cards or "<p>No mistakes.</p>"}</div>
+<h2>Identical images ({dup.get("groups", 0)} set(s), each on one side of every split)</h2>
+<ul>{dups or "<li>none</li>"}</ul>
 <h2>Images left out ({len(problems or [])})</h2><ul>{probs or "<li>none</li>"}</ul>
 </body></html>"""
     out = os.path.join(out_dir, "report.html")

@@ -7,29 +7,64 @@ training image, and a prediction is the mean of the per-view probabilities.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import StackvisionError
 from .heads import balanced_weights, make_head, softmax
 
 TTA_MODES = ("none", "flip")  # flip: the original and the horizontally flipped image
 
 
-def kfold_splits(y: np.ndarray, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def _on_groups(split, y: np.ndarray, groups) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``split(y_of_groups)`` made on one row per group (ids 0..G-1, in order of first
+    appearance), each side then widened to every row of its groups: identical images never sit on
+    both sides. Without repeated groups this is ``split(y)`` itself."""
+    groups = None if groups is None else np.asarray(groups)
+    if groups is None or len(np.unique(groups)) == len(groups):
+        return split(y)
+    first = np.unique(groups, return_index=True)[1]
+    return [
+        (np.flatnonzero(np.isin(groups, tr)), np.flatnonzero(np.isin(groups, va)))
+        for tr, va in split(y[first])
+    ]
+
+
+def kfold_splits(
+    y: np.ndarray, k: int, seed: int = 0, groups=None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified k-fold on images; ``groups`` (equal for identical bytes) stay on one side."""
     from sklearn.model_selection import StratifiedKFold
 
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    return list(skf.split(np.zeros(len(y)), y))
+    def split(yy):
+        if len(yy) < k:
+            raise StackvisionError(
+                f"only {len(yy)} distinct images (after merging identical copies) for --folds {k}",
+                f"use --folds {len(yy)} or fewer, or add images" if len(yy) >= 2 else "add images",
+            )
+        skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():  # a class with fewer distinct images than folds
+            warnings.simplefilter("ignore", UserWarning)
+            return list(skf.split(np.zeros(len(yy)), yy))
+
+    return _on_groups(split, np.asarray(y), groups)
 
 
-def holdout_split(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(
+    y: np.ndarray, fraction: float, seed: int = 0, groups=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified hold-out of about ``fraction`` of the images (of the groups, with ``groups``)."""
     from sklearn.model_selection import StratifiedShuffleSplit
 
-    n_classes = len(np.unique(y))
-    n_val = max(n_classes, int(round(fraction * len(y))))
-    sss = StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
-    return next(sss.split(np.zeros(len(y)), y))
+    def split(yy):
+        n_classes = len(np.unique(yy))
+        n_val = max(n_classes, int(round(fraction * len(yy))))
+        sss = StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
+        return [next(sss.split(np.zeros(len(yy)), yy))]
+
+    return _on_groups(split, np.asarray(y), groups)[0]
 
 
 def _rows(X: np.ndarray, idx: np.ndarray, n_views: int) -> np.ndarray:
@@ -160,18 +195,21 @@ def fit_stack_heads(
     calibrate,
     seed,
     progress=False,
+    groups=None,
 ) -> StackFit:
     """Heads on stacked features ``X`` (N, n_views, D) with labels ``y``, calibrated and scored.
 
     ``folds >= 2``: one head per fold, out-of-fold metrics (and hold-out metrics of the fold
     ensemble on ``val``, when given). Otherwise one head, early-stopped, calibrated and scored on
     ``val`` = (Xv, yv), or on a ``val_split`` of ``X``; with neither, one head on everything.
+    ``groups``: one id per row of ``X``, equal for identical images, which every split keeps on
+    one side.
     """
     from .metrics import classification_metrics
 
     n = len(classes)
     if folds >= 2:
-        splits = kfold_splits(y, folds, seed)
+        splits = kfold_splits(y, folds, seed, groups)
         res = cross_validate(kind, params, X, y, n, splits, n_views, class_weight, seed, progress)
         t = fit_temperature(res.oof_proba, y) if calibrate else 1.0
         oof = apply_temperature(res.oof_proba, t)
@@ -191,7 +229,7 @@ def fit_stack_heads(
     if val is not None:
         (Xv, yv), where, va = val, "val", np.arange(len(val[1]))
     elif val_split:
-        tr, va = holdout_split(y, val_split, seed)
+        tr, va = holdout_split(y, val_split, seed, groups)
         Xv, yv, where = X[va], y[va], "train"
     else:
         head = fit_head(kind, params, X, y, n, tr, None, n_views, class_weight, seed)

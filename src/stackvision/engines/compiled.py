@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -96,8 +98,39 @@ def normalised_extractor(spec: BackboneSpec, pool: str = "avg"):
     return NormalisedExtractor(build_model(spec, pool), spec.preprocess).eval()
 
 
+#: a temporary file this old was left by a killed build (a build in progress is younger)
+STALE_TMP_SECONDS = 3600.0
+# what _atomic_tmp names: <final>.<8 mkstemp characters><suffix> (and the .bin beside an .xml)
+_TMP_NAME = re.compile(
+    r"\.(onnx|xml|blob)\.[a-z0-9_]{8}(\.onnx\.tmp|\.pre\.onnx|\.xml|\.bin|\.tmp)$"
+)
+
+
+def sweep_stale_tmp(folder: str, max_age: float = STALE_TMP_SECONDS) -> list[str]:
+    """Remove the temporary files of builds killed over ``max_age`` seconds ago from ``folder``
+    (an engines folder); returns their names. Never fails: this is tidying."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        if not _TMP_NAME.search(name):
+            continue
+        full = os.path.join(folder, name)
+        try:
+            if now - os.lstat(full).st_mtime > max_age:
+                os.remove(full)
+                removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
 def _atomic_tmp(final: str, suffix: str) -> str:
     os.makedirs(os.path.dirname(final), exist_ok=True)
+    sweep_stale_tmp(os.path.dirname(final))
     fd, tmp = tempfile.mkstemp(
         prefix=os.path.basename(final) + ".", suffix=suffix, dir=os.path.dirname(final)
     )
@@ -116,6 +149,7 @@ def export_onnx(spec: BackboneSpec, pool: str = "avg", cache_dir: str | None = N
     """Path of the cached fp32 ONNX export of ``spec``'s pooled extractor; exports it if missing."""
     base = os.path.join(engines_dir(cache_dir), export_key(spec, pool))
     path = base + ".onnx"
+    sweep_stale_tmp(os.path.dirname(base))
     if os.path.exists(path):
         return path
     import torch

@@ -33,7 +33,7 @@ from ..cache import FeatureCache, content_hash, store_fields
 from ..decoding import decode_item
 from ..engines import numbers_id
 from ..errors import StackvisionError
-from ..extract import Features, check_args, collect, missing
+from ..extract import Features, check_args, collect, missing_by_view
 from ..images import ImageDecodeError, read_bytes
 
 RAY_PIP = "pip install 'stackvision[ray]'"
@@ -153,13 +153,16 @@ class _BackboneActor:
         self.calls += 1
         x = batch.pop(f"x{self.k}")
         mask = np.asarray(batch[f"need{self.k}"], bool) & (np.asarray(batch["error"]) == "")
-        for v in self.views:
+        for (
+            v
+        ) in self.views:  # only the views the cache lacks (orig stays cached when flip is added)
             out = np.zeros((len(x), self.dim), np.float32)
-            if mask.any():
-                xm = x[mask]
+            mv = mask & np.asarray(batch[f"need{self.k}_{v}"], bool)
+            if mv.any():
+                xm = x[mv]
                 if v == "flip":
                     xm = np.ascontiguousarray(xm[:, :, ::-1])
-                out[mask] = self.engine.features(xm)
+                out[mv] = self.engine.features(xm)
             batch[f"f{self.k}_{v}"] = out
         log = self.testing.get("log_dir")
         if log:  # test hook: which hashes this actor finished (one line per image)
@@ -250,7 +253,8 @@ def extract_ray(
     t_hash = time.perf_counter() - t0
 
     # 2. What the cache lacks (the same question the local runner asks).
-    live, todo = missing(stores, hashes, views)
+    live, lacking = missing_by_view(stores, hashes, views)
+    todo = {name: set().union(*lack.values()) for name, lack in lacking.items()}
     first: dict[str, int] = {}  # one row per distinct missing image: duplicates computed once
     for i, h in enumerate(hashes):
         if h is not None and h not in first and any(h in t for t in todo.values()):
@@ -273,6 +277,11 @@ def extract_ray(
                 "path": paths[i],
                 "hash": hashes[i],
                 **{f"need{k}": hashes[i] in todo[s.name] for k, s in active},
+                **{
+                    f"need{k}_{v}": hashes[i] in lacking[s.name][v]
+                    for k, s in active
+                    for v in views
+                },
             }
             for i in need
         ]
@@ -327,7 +336,7 @@ def extract_ray(
                         continue
                     written.add((s.name, hs[j]))
                     fresh += 1
-                    rows += [(hs[j], v, b[f"f{k}_{v}"][j]) for v in views]
+                    rows += [(hs[j], v, b[f"f{k}_{v}"][j]) for v in views if b[f"need{k}_{v}"][j]]
                 if rows:
                     stores[s.name].put_many(rows)
                 computed[s.name] += fresh

@@ -135,6 +135,10 @@ def run(args) -> int:
     path = model.save(args.out)
     st = model.extract_stats_
     report_problems(model.problems_, args)
+    dup = (model.metrics_ or {}).get("duplicates")
+    if dup and dup["groups"]:
+        say(args, f"duplicates: {dup['groups']} set(s) of identical images ({dup['files']} files), "
+                  "each kept on one side of every split (listed in metrics.json)")  # fmt: skip
     say(
         args,
         f"features: {st['n_computed']} images computed, {st['n_cached']} from cache"
