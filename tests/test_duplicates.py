@@ -112,3 +112,34 @@ def test_a_repeated_csv_id_is_one_group(woof_train, cache_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] == 14
     assert metrics["duplicates"]["groups"] == 1 and metrics["duplicates"]["files"] == 3
+
+
+def test_fine_tuning_hold_out_and_ensemble_folds_keep_copies_together(flowers_small, tmp_path):
+    """Fine-tuning's early-stopping hold-out and the ensemble's out-of-fold split group identical
+    files too: a copy on the validation side would be an image the network trained on."""
+    from dataclasses import replace as dc_replace
+
+    from stackvision.backbones import resolve
+    from stackvision.duplicates import content_groups
+    from stackvision.finetune import FineTunedClassifier
+    from stackvision.validation import kfold_splits
+
+    paths, labels = [], []
+    for cls in sorted(os.listdir(flowers_small)):
+        for f in sorted(os.listdir(flowers_small / cls))[:4]:
+            for k in range(3):  # each image three times, under three names
+                copy = tmp_path / f"{cls}-{k}-{f}"
+                shutil.copyfile(flowers_small / cls / f, copy)
+                paths.append(str(copy))
+                labels.append(cls)
+    ft = FineTunedClassifier("lite0", input_size=32, val_split=0.3, seed=1)
+    ft.classes_ = sorted(set(labels))
+    ft.preprocess_ = dc_replace(resolve("lite0").preprocess, input_size=32)
+    (_, _, tpaths), (_, _, vpaths) = ft._training_data(paths, labels, None)
+    stem = lambda p: os.path.basename(p).split("-", 2)[2]  # noqa: E731 - the original file
+    assert vpaths and not {stem(p) for p in tpaths} & {stem(p) for p in vpaths}
+    groups = content_groups(paths)
+    assert len(set(groups)) == len(paths) // 3
+    y = np.asarray([sorted(set(labels)).index(c) for c in labels])
+    for tr, va in kfold_splits(y, 3, 0, groups):
+        assert not set(groups[tr]) & set(groups[va])

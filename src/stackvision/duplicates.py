@@ -72,3 +72,13 @@ def find_duplicates(
     first: dict[str, int] = {}  # group ids in order of first appearance
     groups = np.asarray([first.setdefault(hashes[i], len(first)) for i in keep], np.int64)
     return Duplicates(keep, groups, sets, problems)
+
+
+def content_groups(paths: Sequence[str]) -> np.ndarray:
+    """Group ids 0..G-1 of readable image files, equal for identical bytes (for the splits of
+    fine-tuning and ensembles, which do not go through the feature pipeline's hashes)."""
+    from .cache import content_hash
+    from .images import read_bytes
+
+    hashes = [content_hash(read_bytes(p)) for p in paths]
+    return np.unique(np.asarray(hashes), return_inverse=True)[1]

@@ -198,9 +198,11 @@ class EnsembleClassifier(ModelBase):
                 "give --data at least 2 images of every class (better: 20 or more)",
             )
         self.problems_ = problems
+        from .duplicates import content_groups
         from .validation import kfold_splits
 
-        splits = kfold_splits(yk, folds, self.seed)
+        # identical files in one fold: the combiners' out-of-fold scores stay honest
+        splits = kfold_splits(yk, folds, self.seed, content_groups(paths))
         methods = list(METHODS) if self.method == "all" else [self.method]
         rows, oof = [], {}
         for name, Pk in zip(self.member_names_, P):

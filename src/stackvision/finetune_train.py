@@ -22,6 +22,7 @@ from collections import Counter
 import numpy as np
 
 from .data import check_trainable
+from .duplicates import content_groups
 from .errors import StackvisionError
 from .finetune_net import backbone_blocks, exact_fp32, is_batchnorm, torch_module
 from .finetune_net import loss as loss_fn
@@ -52,7 +53,9 @@ class FineTuneTraining:
             timgs, tyk, tpaths = imgs, yk, paths
         else:
             check_trainable([self.classes_[i] for i in yk], 2)
-            tr, va = holdout_split(yk, self.val_split or 0.15, self.seed)
+            # identical files stay on one side, or early stopping would see training images
+            groups = content_groups(paths)
+            tr, va = holdout_split(yk, self.val_split or 0.15, self.seed, groups)
             timgs, tyk, tpaths = imgs[tr], yk[tr], [paths[i] for i in tr]
             vimgs, vyk, vpaths = imgs[va], yk[va], [paths[i] for i in va]
         del imgs
