@@ -36,6 +36,17 @@ def make_slice(dst: Path, src: Path, classes: list[str], per_class: int, offset:
     return dst
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """Small matrices: one thread is faster and keeps the numbers independent of a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> str:
     """A feature cache shared by the whole session, so each slice is extracted once."""

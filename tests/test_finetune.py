@@ -188,14 +188,6 @@ def test_bad_options_are_user_errors(flowers_small, tmp_path, capsys):
     assert err.count("error:") == 2 and "Traceback" not in err
 
 
-@pytest.fixture()
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny batches: faster on a shared machine, and the same numbers
-    yield
-    torch.set_num_threads(before)
-
-
 def test_phases_stop_cut_lr_and_resume_inside_phase_two(flowers_small, tmp_path, one_torch_thread):
     """Regression for the switch to the shared TrainingLoop (histories, weights and predictions
     were bit-identical before/after): each phase stops early and cuts its LR on its own, the best

@@ -76,17 +76,6 @@ def test_incomplete_or_existing_sets_are_refused(tmp_path):
         ShardedFeatures(str(tmp_path / "t"))
 
 
-@pytest.fixture()
-def one_torch_thread():
-    """Small matrices: one thread is faster, and immune to a busy machine's other load."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("head", ["logreg", "mlp"])
 def test_streaming_head_trains_chunk_by_chunk(tmp_path, head, monkeypatch, one_torch_thread):
     from stackvision.heads import make_head

@@ -18,17 +18,6 @@ from stackvision.training import (
 from .test_shards import _generated
 
 
-@pytest.fixture()
-def one_torch_thread():
-    """Small matrices: one thread is faster and keeps the numbers independent of the machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Scripted:
     """A 'model' whose weights are the number of epochs trained and whose validation losses are
     a fixed script, so every callback decision is known in advance."""

@@ -274,6 +274,19 @@ def listing(args, data=None):
     )
 
 
+def labelled_or_images(args):
+    """DATA as a labelled listing (``--labels``, or a folder of class subfolders), or else as
+    loose images (a folder of images, image files): for verbs that take either."""
+    from ..data import from_paths
+
+    d = args.data
+    if args.labels or (
+        d and os.path.isdir(d) and any(os.path.isdir(os.path.join(d, c)) for c in os.listdir(d))
+    ):
+        return listing(args)
+    return from_paths([d] if d else [])
+
+
 def validation_data(args) -> tuple[list[str], list[str]] | None:
     """``--val DATA`` as (paths, labels), or None."""
     if not getattr(args, "val", None):

@@ -5,8 +5,6 @@ Write a grid: a few images of DATA, each original followed by augmented copies.
 
 from __future__ import annotations
 
-import os
-
 from .. import options as opt
 from ..display import report_problems
 
@@ -27,25 +25,15 @@ def add_arguments(a) -> None:
     a.add_argument("-q", "--quiet", action="store_true", help="print only the result line")
 
 
-def _labelled(args) -> bool:
-    d = args.data
-    return bool(args.labels) or (
-        d is not None
-        and os.path.isdir(d)
-        and any(os.path.isdir(os.path.join(d, c)) for c in os.listdir(d))
-    )
-
-
 def run(args) -> int:
     import random
     from dataclasses import replace
 
     from ...augment import Augment, preview_grid
     from ...backbones import resolve
-    from ...data import from_paths
 
     opt.check_out(args, "png", opt.data_inputs(args))
-    data = opt.listing(args) if _labelled(args) else from_paths([args.data])
+    data = opt.labelled_or_images(args)
     aug = Augment.parse(args.augment or "standard")
     pp = resolve(args.backbone).preprocess
     if args.input_size:

@@ -5,7 +5,6 @@ Compute and cache backbone features for a data set (nothing cached is recomputed
 
 from __future__ import annotations
 
-import os
 import time
 
 from .. import options as opt
@@ -40,14 +39,9 @@ def add_arguments(e) -> None:
     opt.add_runtime_options(e)
 
 
-def _looks_labelled(folder: str) -> bool:
-    return any(os.path.isdir(os.path.join(folder, d)) for d in os.listdir(folder))
-
-
 def run(args) -> int:
     from ...backbones import resolve
     from ...cache import FeatureCache, default_cache_dir
-    from ...data import from_paths
     from ...outputs import check_out
     from ...runners import extract_features
 
@@ -61,10 +55,7 @@ def run(args) -> int:
             cache_dir=args.cache or default_cache_dir(),
             flag="--export-shards",
         )
-    if args.labels or (args.data and os.path.isdir(args.data) and _looks_labelled(args.data)):
-        data = opt.listing(args)
-    else:
-        data = from_paths([args.data] if args.data else [])
+    data = opt.labelled_or_images(args)
     specs = [resolve(b, dict(args.weights or [])) for b in opt.backbone_list(args.backbones)]
     views = ("orig", "flip") if args.tta == "flip" else ("orig",)
     precision = rt.precision or "fp32"
