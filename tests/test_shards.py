@@ -145,3 +145,48 @@ def test_export_from_cache_and_cli_train_from_shards(woof_val, cache_dir, tmp_pa
     assert len(capsys.readouterr().out.strip().splitlines()) == 25
     assert main([*args, "--folds", "3"]) == 2
     assert main([*args, "--head-param", "bogus=1"]) == 2
+
+
+def test_train_from_shards_keeps_identical_images_on_one_side(tmp_path, monkeypatch):
+    """Rows with one content hash (the same image exported twice) never straddle the hold-out,
+    and the same image under two labels is left out, as in k-fold training."""
+    import stackvision.streaming as streaming
+
+    X, y, hashes = _generated(tmp_path / "s", n=240, dims=(16,), sep=3.0)
+    # 30 images repeated four times each (same hash, same label), then image 0 once more under
+    # another label: its five rows are left out.
+    idx = np.concatenate([np.arange(30, 240), np.repeat(np.arange(30), 4), [0]])
+    lab = np.concatenate([y[idx[:-1]], [(y[0] + 1) % 4]])
+    hs = [hashes[i] for i in idx]
+    w = ShardWriter(
+        str(tmp_path / "d"),
+        [{"name": "lite0", "dim": 16}],
+        VIEWS,
+        classes=[f"c{k}" for k in range(4)],
+        rows_per_shard=64,
+        meta={"pool": "avg"},
+    )
+    w.add(hs, {"lite0": X[idx]}, lab)
+    w.close()
+    seen = {}
+    real_fit = streaming.fit_streaming
+
+    def fit(feats, y_, head, params, tr, va, *a, **k):
+        seen["tr"], seen["va"] = tr, va
+        return real_fit(feats, y_, head, params, tr, va, *a, **k)
+
+    monkeypatch.setattr(streaming, "fit_streaming", fit)
+    model = train_from_shards(
+        str(tmp_path / "d"), head="logreg", head_params={"epochs": 2}, val_split=0.3, seed=1
+    )
+    d = model.metrics_["duplicates"]
+    assert d["label_conflicts"] == 5 and len(model.problems_) == 5
+    assert d["groups"] == 29 and d["extra_copies"] == 29 * 3
+    tr, va = seen["tr"], seen["va"]
+    conflict = {i for i, h in enumerate(hs) if h == hashes[0]}
+    assert not conflict & (set(tr) | set(va))
+    assert len(tr) + len(va) == len(idx) - 5
+    tr_h, va_h = {hs[i] for i in tr}, {hs[i] for i in va}
+    assert not tr_h & va_h  # no image on both sides
+    repeated_in_val = {hashes[i] for i in range(1, 30)} & va_h
+    assert repeated_in_val  # the test means something: some repeated images were drawn for val

@@ -198,6 +198,7 @@ def train_from_shards(
     (one head, hold-out validation). ``runtime``: options for later predictions (cache_dir...)."""
     from .classifier import StackedClassifier
     from .data import check_trainable
+    from .duplicates import find_duplicates
     from .metrics import classification_metrics
     from .validation import apply_temperature, fit_temperature, holdout_split
 
@@ -215,9 +216,18 @@ def train_from_shards(
     if (y < 0).any():
         raise StackvisionError(f"{int((y < 0).sum())} unlabelled rows in {path}", "export again")
     classes = list(feats.classes)
-    check_trainable([classes[i] for i in np.unique(y)], 0)
-    tr, va = holdout_split(y, val_split, seed)
-    tr, va = np.sort(tr), np.sort(va)
+    # Identical images (one hash, several rows) stay on one side of the hold-out, as in every
+    # other split; the same bytes under two labels are left out as problems.
+    hashes = feats.hashes()
+    dups = find_duplicates(
+        [f"shard row {i} (image {h[:12]})" for i, h in enumerate(hashes)],
+        hashes,
+        [classes[k] for k in y],
+        strict=bool(getattr(runtime.get("runtime"), "strict", False)),
+    )
+    check_trainable([classes[i] for i in np.unique(y[dups.keep])], 0)
+    tr, va = holdout_split(y[dups.keep], val_split, seed, groups=dups.groups)
+    tr, va = np.sort(dups.keep[tr]), np.sort(dups.keep[va])
     if class_weight == "none":
         class_weight = None
     fitted, vp = fit_streaming(
@@ -255,9 +265,10 @@ def train_from_shards(
     model.metrics_ = {
         "validation": f"hold-out {len(va)} images (streamed from shards)",
         **classification_metrics(y[va], vp, classes),
+        "duplicates": dups.summary(),
     }
     model.eval_ = None  # rows are image hashes, not paths: no image report
-    model.problems_ = []
+    model.problems_ = dups.problems
     model.train_paths_, model.train_y_ = [], y[tr]
     model.extract_stats_ = {"n_computed": 0, "n_cached": len(y), "images_per_second": None}
     model.shards_ = {"path": path, "n_rows": len(feats), "n_shards": feats.n_shards}

@@ -204,6 +204,13 @@ def _run_shards(args) -> int:
     path = model.save(args.out)
     sh = model.shards_
     say(args, f"streamed {sh['n_rows']} rows from {sh['n_shards']} shard(s) in {args.from_shards}")
+    d = model.metrics_["duplicates"]
+    if d["groups"] or d["label_conflicts"]:
+        say(
+            args,
+            f"{d['extra_copies']} duplicate row(s) kept on one side of the hold-out; "
+            f"{d['label_conflicts']} left out (same image, two labels)",
+        )
     rows = [{"evaluated on": model.metrics_["validation"], **summary_row(model.metrics_)}]
     say(args, table(rows, METRIC_COLS))
     say(args, f"\nmodel written to {path} ({time.perf_counter() - t0:.1f} s)")
