@@ -116,12 +116,15 @@ def extract(
     # 1. Content hashes (cheap next to inference; they are what the cache is keyed by).
     hashes: list[str | None] = [None] * len(paths)
     failed: dict[int, str] = {}
+    hash_bar = progress_bar(len(paths), "hash", "file", progress)
     with ThreadPoolExecutor(workers) as pool_ex:
         for i, res in enumerate(pool_ex.map(_hash_file, paths, chunksize=64)):
             if isinstance(res, ImageDecodeError):
                 failed[i] = res.reason
             else:
                 hashes[i] = res
+            hash_bar.update(1)
+    hash_bar.close()
     t_hash = time.perf_counter() - t0
     calibs = _calibrations(paths, hashes, specs, precision, calibration or {})
     stores = {
