@@ -138,7 +138,7 @@ def pairs_table(pairs: list[Pair], classes: list[str], thumbs: dict[int, str], y
                 continue
             t, pr = int(y[r]), int(proba[r].argmax())
             ex.append(
-                f"<span class=ex><img src='{e(thumbs[r])}' alt='{e(classes[t])}'>"
+                f"<span class=ex><img src='{e(thumbs[r])}' alt='{e(classes[t])} as {e(classes[pr])}'>"
                 f"{e(classes[t])} \u2192 <span class=bad>{e(classes[pr])}</span> "
                 f"{proba[r, pr]:.0%}</span>"
             )

@@ -1,0 +1,117 @@
+"""The report, produced through the CLI (`train`, `evaluate`) for a many-class model (86 bird
+species) and for every model kind: sections in the order of the questions they answer, the
+top confused pairs with thumbnails, per class worst first, a bounded matrix and the full CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import KINDS
+from .report_helpers import SECTIONS, parse, section_ids, table_rows
+
+
+def _folder_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def _check_many_class_report(model_dir, report_dir):
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    classes = metrics["classes"]
+    assert len(classes) == 86
+    doc = parse(report_dir / "report.html")
+    assert section_ids(doc) == [s for s in SECTIONS if s != "curves"]
+
+    # the top 15 confused pairs, most first, two thumbnails of mistaken images each
+    cm = np.asarray(metrics["confusion_matrix"])
+    rows = table_rows(doc, "pairs-table")
+    assert len(rows) == 15
+    totals = [int(r[5].all_text()) for r in rows]
+    assert totals == sorted(totals, reverse=True)
+    off = cm - np.diag(np.diag(cm))
+    both = off + off.T
+    assert totals[0] == both.max()  # the worst pair really is the one with the most mistakes
+    for r in rows:
+        a, b = r[1].all_text(), r[2].all_text()
+        i, j = classes.index(a), classes.index(b)
+        assert int(r[3].all_text().split()[0]) == cm[i, j]
+        assert int(r[4].all_text().split()[0]) == cm[j, i]
+        thumbs = r[6].find_all("img")
+        assert len(thumbs) == min(2, cm[i, j] + cm[j, i])
+        for t in thumbs:
+            img = Image.open(report_dir / t.attrs["src"])
+            assert img.format == "JPEG" and max(img.size) <= 144
+            # the caption names the pair: a mistake between these two classes
+            assert set(t.attrs["alt"].split(" as ")) == {a, b}
+
+    # per class: every class, worst recall first, with the class it is most often taken for
+    pc = table_rows(doc, "per-class-table")
+    assert len(pc) == 86
+    recalls = [float(r[1].all_text()) for r in pc]
+    assert recalls == sorted(recalls)
+    worst = pc[0][0].all_text()
+    assert metrics["per_class"][worst]["recall"] == pytest.approx(recalls[0], abs=1e-3)
+
+    # the matrix stays readable: at most 30 named classes, a bounded image; the CSV is complete
+    png = Image.open(report_dir / "confusion_matrix.png")
+    assert max(png.size) <= 1400
+    assert max(Image.open(report_dir / "confusion_overview.png").size) <= 800
+    with open(report_dir / "confusion_matrix.csv", newline="", encoding="utf-8") as fh:
+        table = list(csv.reader(fh))
+    assert table[0][1:] == classes and [r[0] for r in table[1:]] == classes
+    assert np.array_equal(np.asarray([r[1:] for r in table[1:]], int), cm)
+
+    # mistakes: most confident first, each with true / predicted / probability
+    figures = doc.find("section", id="mistakes").find_all("figure")
+    probs = [float(f.all_text().split("(")[-1].split("%")[0]) for f in figures]
+    assert figures and probs == sorted(probs, reverse=True)
+
+    assert _folder_bytes(report_dir) < 3_000_000  # self-contained and of a sane size
+    return doc, metrics
+
+
+def test_train_report_for_86_classes(cub_dir):
+    doc, metrics = _check_many_class_report(cub_dir, cub_dir / "report")
+    # the headline with its spread over the 3 folds, top-5 shown (86 classes)
+    folds = metrics["folds"]
+    assert [f["fold"] for f in folds] == [1, 2, 3]
+    assert sum(f["n_images"] for f in folds) == metrics["n_images"] == 86 * 3
+    weighted = sum(f["accuracy"] * f["n_images"] for f in folds) / metrics["n_images"]
+    assert weighted == pytest.approx(metrics["accuracy"])
+    head = table_rows(doc, "headline")
+    assert [r[0].all_text() for r in head] == ["accuracy", "top-5 accuracy", "log loss", "macro F1"]
+    acc = [f["accuracy"] for f in folds]
+    assert head[0][2].all_text() == f"{np.mean(acc):.4f} \u00b1 {np.std(acc, ddof=1):.4f}"
+    assert head[0][3].all_text() == f"{min(acc):.4f} \u2013 {max(acc):.4f}"
+    summary = doc.find("section", id="summary").all_text()
+    assert "3-fold out-of-fold" in summary and "86 classes" in summary
+    assert "No identical images." in summary and "No file was left out." in summary
+
+
+def test_evaluate_report_for_86_classes(cub_eval, cub_dir):
+    doc, metrics = _check_many_class_report(cub_eval, cub_eval / "report")
+    summary = doc.find("section", id="summary").all_text()
+    assert "a held-out set the model did not train on" in summary
+    assert "across the" not in summary  # no folds in an evaluation
+    assert metrics["n_images"] == 86
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_report_sections_for_every_kind(kind, request):
+    model_dir = request.getfixturevalue(KINDS[kind][0])
+    doc = parse(model_dir / "report" / "report.html")
+    curves = kind in ("stack-mlp", "finetune")  # the kinds with epoch histories
+    assert section_ids(doc) == [s for s in SECTIONS if curves or s != "curves"]
+    head = [r[0].all_text() for r in table_rows(doc, "headline")]
+    assert head == ["accuracy", "log loss", "macro F1"]  # 3 classes: top-5 means nothing
+    summary = doc.find("section", id="summary").all_text()
+    spread = "across the 2 folds" in summary
+    assert spread == kind.startswith("stack")  # finetune: hold-out; ensemble mean: nothing fitted
+    text = (model_dir / "report" / "confusion_matrix.csv").read_text(encoding="utf-8")
+    rows = list(csv.reader(text.splitlines()))
+    assert rows[0][1:] == ["daisy", "sunflower", "tulip"]
