@@ -6,7 +6,8 @@ a reader asks, in this order:
    folds), on what was it measured (out-of-fold, a hold-out split, or a held-out set for
    ``evaluate``), how many images and classes, which files were left out and why, identical images.
 2. **Most-confused class pairs**: the top 15 pairs by mistakes both ways, each with its counts, the
-   share of the true class, and two thumbnails of the mistaken images.
+   share of the true class, and two thumbnails of the mistaken images (one mistake and, for
+   comparison, a real image of the class it was taken for, when there was only one).
 3. **Per class, worst first**: recall, precision, F1, images, and the class it is most often taken
    for; ``per_class_accuracy.png`` plots the 40 worst.
 4. **Confusion matrix**: ``confusion_matrix.png`` shows every class up to 30 classes, else only the
@@ -146,7 +147,7 @@ def write_report(
     parts.append(("summary", "Summary", rh.summary(metrics, n, problems, on)))
 
     pairs = confused_pairs(cm, y, proba, TOP_PAIRS)
-    shots = {r: t for p in pairs for r in p.examples if (t := thumbs(r))}
+    shots = {r: t for p in pairs for r in p.examples + p.references if (t := thumbs(r))}
     parts.append(
         ("pairs", "Most-confused class pairs", rh.pairs_table(pairs, classes, shots, y, proba))
     )

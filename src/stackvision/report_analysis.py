@@ -18,7 +18,8 @@ HEADLINE = ("accuracy", "top5_accuracy", "log_loss", "macro_f1")
 class Pair:
     """Two classes confused with each other: ``a_as_b`` images of ``a`` predicted as ``b`` (a
     ``share_a`` of ``a``'s images) and the other way round; ``examples``: rows of the mistaken
-    images, most confident first."""
+    images, most confident first; ``references``: when there are fewer mistakes than examples
+    wanted, rows of the class the first mistake was taken for, predicted right, for comparison."""
 
     a: int
     b: int
@@ -27,6 +28,7 @@ class Pair:
     share_a: float
     share_b: float
     examples: list[int] = field(default_factory=list)
+    references: list[int] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -54,7 +56,8 @@ def confused_pairs(
     cm: np.ndarray, y: np.ndarray, proba: np.ndarray, top: int = 15, examples: int = 2
 ) -> list[Pair]:
     """The ``top`` class pairs with the most mistakes between them (both directions added),
-    each with up to ``examples`` mistaken rows of ``y``/``proba``, most confident first."""
+    each with up to ``examples`` mistaken rows of ``y``/``proba``, most confident first (and
+    references to make up the number, see :class:`Pair`)."""
     cm = np.asarray(cm, np.int64)
     support = np.maximum(cm.sum(axis=1), 1)
     off = cm.copy()
@@ -69,10 +72,16 @@ def confused_pairs(
         a, b = divmod(int(k), cm.shape[0])
         rows = np.flatnonzero(((y == a) & (pred == b)) | ((y == b) & (pred == a)))
         rows = rows[np.argsort(-conf[rows], kind="stable")][:examples]
-        pairs.append(
-            Pair(a, b, int(off[a, b]), int(off[b, a]), off[a, b] / support[a],
-                 off[b, a] / support[b], rows.tolist())
-        )  # fmt: skip
+        pair = Pair(a, b, int(off[a, b]), int(off[b, a]), off[a, b] / support[a],
+                    off[b, a] / support[b], rows.tolist())  # fmt: skip
+        if len(rows) < examples:
+            other = int(pred[rows[0]])  # what the mistake was taken for: show a real one
+            ref = np.flatnonzero((y == other) & (pred == other))
+            if not len(ref):
+                ref = np.flatnonzero(y == other)
+            ref = ref[np.argsort(-proba[ref, other], kind="stable")]
+            pair.references = ref[: examples - len(rows)].tolist()
+        pairs.append(pair)
     return pairs
 
 

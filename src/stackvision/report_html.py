@@ -24,8 +24,8 @@ table{border-collapse:collapse;margin:.4em 0}td,th{border:1px solid #ccc;padding
 text-align:right;vertical-align:middle}th{background:#f3f3f3}td.l,th.l{text-align:left}
 img{max-width:100%}nav{font-size:14px;margin-bottom:1em}nav a{margin-right:1em}
 .facts li{margin:.15em 0}.muted{color:#666;font-size:13px}.bad{color:#b00}
-.ex{display:inline-block;width:104px;margin:0 3px;font-size:11px;text-align:center;
-vertical-align:top}.ex img{width:96px;height:96px;object-fit:cover;display:block;margin:auto}
+.ex{display:inline-block;white-space:normal;width:104px;margin:0 3px;font-size:11px;text-align:center;
+vertical-align:top}td.exs{white-space:nowrap;width:224px}.ex img{width:96px;height:96px;object-fit:cover;display:block;margin:auto}
 .gallery{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:170px;font-size:12px}
 figure img{width:160px;height:160px;object-fit:cover}
 .scroll{max-height:640px;overflow-y:auto;display:inline-block;border:1px solid #eee}
@@ -142,14 +142,23 @@ def pairs_table(pairs: list[Pair], classes: list[str], thumbs: dict[int, str], y
                 f"{e(classes[t])} \u2192 <span class=bad>{e(classes[pr])}</span> "
                 f"{proba[r, pr]:.0%}</span>"
             )
+        for r in p.references:
+            if r not in thumbs:
+                continue
+            t = int(y[r])
+            ex.append(
+                f"<span class='ex ref'><img src='{e(thumbs[r])}' alt='{e(classes[t])}, for "
+                f"comparison'>a real {e(classes[t])}, for comparison</span>"
+            )
         rows.append(
             f"<tr><td>{k}</td><td class=l>{e(classes[p.a])}</td><td class=l>{e(classes[p.b])}</td>"
             f"<td>{p.a_as_b} ({p.share_a:.0%})</td><td>{p.b_as_a} ({p.share_b:.0%})</td>"
-            f"<td><b>{p.total}</b></td><td class=l>{''.join(ex)}</td></tr>"
+            f"<td><b>{p.total}</b></td><td class='l exs'>{''.join(ex)}</td></tr>"
         )
     note = (
         "<p class=muted>Counts both ways; the share is of the images of the true class. "
-        "Examples: the mistaken images, most confident first.</p>"
+        "Examples: the mistaken images, most confident first; a pair with one mistake also shows "
+        "a real image of the class it was taken for.</p>"
     )
     return note + f"<table id=pairs-table>{head}{''.join(rows)}</table>"
 
@@ -190,13 +199,13 @@ def matrix_part(focus_png: str, n_focus: int, n_classes: int, overview_png: str 
         f"<p class=muted>Rows: true class; columns: predicted; each cell the share of the true "
         f"class. Shown: {what}. The full matrix (counts, class names as header and index): "
         "<a href='confusion_matrix.csv'>confusion_matrix.csv</a>.</p>"
-        f"<img id=matrix src='{e(focus_png)}' alt='confusion matrix'>"
+        f"<img id=confusion-focus src='{e(focus_png)}' alt='confusion matrix'>"
     )
     if overview_png:
         out += (
             "<p class=muted>All classes in clustered order, mistakes only: a dark block off the "
             "diagonal is a group of classes confused with each other.</p>"
-            f"<img id=matrix-overview src='{e(overview_png)}' alt='confusion overview'>"
+            f"<img id=confusion-overview src='{e(overview_png)}' alt='confusion overview'>"
         )
     return out
 
