@@ -38,6 +38,12 @@ def test_extract_writes_progress_lines_to_a_log(woof_val, tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
+    # hashing the files comes first, with its own lines (at most one per ~10%)
+    hashing = [line for line in p.stderr.splitlines() if line.startswith("hash: ")]
+    assert 1 <= len(hashing) <= 12 and re.fullmatch(
+        r"hash: 24/24 file \(100%\), [\d.]+ file/s, ETA 0 s", hashing[-1]
+    ), hashing
+    assert p.stderr.index(hashing[-1]) < p.stderr.index("extract: 24 image(s)")
     assert "extract: 24 image(s) x 1 view(s) to compute through lite0; 0 from the cache" in p.stderr
     assert re.search(r"extract lite0: 24/24 img \(100%\), [\d.]+ img/s, ETA 0 s", p.stderr)
     assert "passes/s" in p.stdout

@@ -94,6 +94,9 @@ def test_train_report_for_86_classes(cub_dir):
     acc = [f["accuracy"] for f in folds]
     assert head[0][2].all_text() == f"{np.mean(acc):.4f} \u00b1 {np.std(acc, ddof=1):.4f}"
     assert head[0][3].all_text() == f"{min(acc):.4f} \u2013 {max(acc):.4f}"
+    lls = [f["log_loss"] for f in folds]  # worst first: the highest loss
+    assert head[2][3].all_text() == f"{max(lls):.4f} \u2013 {min(lls):.4f}"
+    assert all(0 <= f["macro_f1"] <= 1 for f in folds) and "\u00b1" in head[3][2].all_text()
     summary = doc.find("section", id="summary").all_text()
     assert "3-fold out-of-fold" in summary and "86 classes" in summary
     assert "No identical images." in summary and "No file was left out." in summary
@@ -121,3 +124,50 @@ def test_report_sections_for_every_kind(kind, request):
     text = (model_dir / "report" / "confusion_matrix.csv").read_text(encoding="utf-8")
     rows = list(csv.reader(text.splitlines()))
     assert rows[0][1:] == ["daisy", "sunflower", "tulip"]
+
+
+def test_extra_sections_from_a_model_go_into_its_report(flowers_small, cache_dir, tmp_path):
+    """The hook for later pages (a data doctor, say): Section(title, html, files) set on a model
+    before save() comes last in report.html, in the contents bar, with its files beside it."""
+    import io
+
+    from stackvision import Runtime, StackedClassifier
+    from stackvision.data import load_labelled
+    from stackvision.report import Section
+    from stackvision.report_html import e
+
+    listing = load_labelled(str(flowers_small))
+    model = StackedClassifier(["lite0"], folds=2, tta="none", runtime=Runtime(cache_dir))
+    model.fit(listing.paths, listing.labels)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, "PNG")
+    model.report_sections = [
+        Section(
+            "Data doctor",
+            f"<p id=doctor-text>{e('sizes <ok> & fine')}</p><img src='doctor/sizes.png'>",
+            files={"doctor/sizes.png": buf.getvalue()},
+        )
+    ]
+    out = tmp_path / "m"
+    model.save(str(out))
+    doc = parse(out / "report" / "report.html")
+    assert section_ids(doc)[-2:] == ["data", "x-data-doctor"]
+    assert [a.all_text() for a in doc.find("nav").find_all("a")][-1] == "Data doctor"
+    assert doc.find("p", id="doctor-text").all_text() == "sizes <ok> & fine"
+    assert Image.open(out / "report" / "doctor" / "sizes.png").size == (40, 30)
+
+
+def test_a_section_file_outside_the_report_folder_is_refused(tmp_path):
+    from stackvision.report import Section, write_report
+
+    classes = ["a", "b"]
+    img = tmp_path / "x.jpg"
+    Image.new("RGB", (32, 32)).save(img)
+    y, proba = np.array([0, 1]), np.array([[0.9, 0.1], [0.6, 0.4]])
+    from stackvision.metrics import classification_metrics
+
+    metrics = classification_metrics(y, proba, classes)
+    bad = Section("Escape", "<p>x</p>", files={"../outside.txt": b"x"})
+    with pytest.raises(ValueError, match="inside the report folder"):
+        write_report(tmp_path / "r", metrics, [str(img)] * 2, y, proba, classes, sections=[bad])
+    assert not (tmp_path / "outside.txt").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import httpx
@@ -160,7 +159,3 @@ def test_report_of_an_86_class_model_in_chromium(cub_dir, browser, tmp_path):
     shot = tmp_path / "report.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
-    if os.environ.get("STACKVISION_REPORT_SHOT"):  # docs/img/report-cub.png is made this way
-        full = browser.execute_script("return document.documentElement.scrollHeight")
-        browser.set_window_size(1280, min(full, 4000))
-        browser.save_screenshot(os.environ["STACKVISION_REPORT_SHOT"])

@@ -19,9 +19,9 @@ LABELS = {
 }
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 12px;
-color:#222;overflow-wrap:anywhere}
+color:#222;overflow-wrap:break-word}
 table{border-collapse:collapse;margin:.4em 0}td,th{border:1px solid #ccc;padding:3px 8px;
-text-align:right;vertical-align:middle}th{background:#f3f3f3}td.l,th.l{text-align:left}
+text-align:right;vertical-align:middle}th{background:#f3f3f3;white-space:nowrap}td.l,th.l{text-align:left}
 img{max-width:100%}nav{font-size:14px;margin-bottom:1em}nav a{margin-right:1em}
 .facts li{margin:.15em 0}.muted{color:#666;font-size:13px}.bad{color:#b00}
 .ex{display:inline-block;white-space:normal;width:104px;margin:0 3px;font-size:11px;text-align:center;
@@ -29,7 +29,7 @@ vertical-align:top}td.exs{white-space:nowrap;width:224px}.ex img{width:96px;heig
 .gallery{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:170px;font-size:12px}
 figure img{width:160px;height:160px;object-fit:cover}
 .scroll{max-height:640px;overflow-y:auto;display:inline-block;border:1px solid #eee}
-code{font-size:12px}"""
+code{font-size:12px;word-break:break-all}"""
 
 
 def shown(text: str) -> str:

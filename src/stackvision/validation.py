@@ -135,11 +135,11 @@ def cross_validate(
 
 def fold_scores(y: np.ndarray, proba: np.ndarray, splits, rows=None) -> list[dict]:
     """The headline metrics of each fold's validation rows, ``[{fold, n_images, accuracy,
-    top5_accuracy, log_loss}]``, from which the report shows the spread across folds.
+    top5_accuracy, log_loss, macro_f1}]``, from which the report shows the spread across folds.
 
     ``y``: labels of every row; ``proba[k]`` are the out-of-fold probabilities of row ``rows[k]``
     (of row ``k`` when ``rows`` is ``None``)."""
-    from .metrics import log_loss, top_k_accuracy
+    from .metrics import classification_metrics, summary_row
 
     at = np.full(len(y), -1, np.int64)
     at[np.arange(len(proba)) if rows is None else np.asarray(rows)] = np.arange(len(proba))
@@ -148,16 +148,8 @@ def fold_scores(y: np.ndarray, proba: np.ndarray, splits, rows=None) -> list[dic
         va = np.asarray(va)[at[va] >= 0]
         if not len(va):
             continue
-        yy, pp = y[va], proba[at[va]]
-        out.append(
-            {
-                "fold": fi + 1,
-                "n_images": int(len(va)),
-                "accuracy": float(np.mean(pp.argmax(axis=1) == yy)),
-                "top5_accuracy": top_k_accuracy(yy, pp, 5),
-                "log_loss": log_loss(yy, pp),
-            }
-        )
+        m = classification_metrics(y[va], proba[at[va]], list(range(proba.shape[1])))
+        out.append({"fold": fi + 1, **summary_row(m), "macro_f1": m["macro_f1"]})
     return out
 
 
