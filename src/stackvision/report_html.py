@@ -180,7 +180,12 @@ def per_class_table(rows: list[dict], plot: str | None) -> str:
         f"<td class=l>{_taken_for(r)}</td></tr>"
         for r in rows
     )
-    img = f"<img src='{e(plot)}' alt='per-class accuracy'>" if plot else ""
+    img = (
+        f"<details><summary>recall of the worst classes, as a plot</summary><img src='{e(plot)}' "
+        "alt='per-class accuracy'></details>"
+        if plot
+        else ""
+    )
     return (
         "<p class=muted>Worst recall first. Recall: share of the class's images predicted as it; "
         "precision: share of the predictions of the class that were right.</p>"
