@@ -171,3 +171,26 @@ def test_a_section_file_outside_the_report_folder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="inside the report folder"):
         write_report(tmp_path / "r", metrics, [str(img)] * 2, y, proba, classes, sections=[bad])
     assert not (tmp_path / "outside.txt").exists()
+
+
+def test_summary_counts_the_files_left_out_by_reason(flowers_small, cache_dir, tmp_path):
+    """Bad files given to `train` are counted by reason at the top and listed at the bottom."""
+    import shutil
+
+    from .cli_helpers import train
+
+    data = tmp_path / "data"
+    shutil.copytree(flowers_small, data)
+    (data / "daisy" / "empty.jpg").write_bytes(b"")
+    (data / "tulip" / "empty.jpg").write_bytes(b"")
+    (data / "tulip" / "text.jpg").write_bytes(b"this is not a JPEG at all")
+    assert train(data, tmp_path / "m", cache_dir) == 0
+    doc = parse(tmp_path / "m" / "report" / "report.html")
+    summary = doc.find("section", id="summary").all_text()
+    assert "3 file(s) left out: 2 \u00d7 empty file" in summary, summary
+    listed = doc.find("section", id="data").find("ul").find_all("li")
+    assert sorted(li.find("code").all_text().rsplit("/", 2)[-2] for li in listed) == [
+        "daisy",
+        "tulip",
+        "tulip",
+    ]
