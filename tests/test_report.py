@@ -194,3 +194,29 @@ def test_summary_counts_the_files_left_out_by_reason(flowers_small, cache_dir, t
         "tulip",
         "tulip",
     ]
+
+
+def test_a_perfect_40_class_model_still_gets_a_bounded_matrix(tmp_path):
+    """No mistakes at all over 30 classes: no pairs, no gallery, the matrix shows 30 classes."""
+    from stackvision.metrics import classification_metrics
+    from stackvision.report import write_report
+
+    from .conftest import synthetic_image
+
+    classes = [f"class {i:02d}" for i in range(40)]
+    paths = []
+    for i in range(80):
+        p = tmp_path / f"{i}.png"
+        synthetic_image(seed=i).save(p)
+        paths.append(str(p))
+    y = np.arange(80) % 40
+    proba = np.full((80, 40), 0.1 / 39)
+    proba[np.arange(80), y] = 0.9
+    metrics = classification_metrics(y, proba, classes)
+    write_report(tmp_path / "r", metrics, paths, y, proba, classes)
+    doc = parse(tmp_path / "r" / "report.html")
+    assert "No mistakes" in doc.find("section", id="pairs").all_text()
+    assert "No mistakes" in doc.find("section", id="mistakes").all_text()
+    assert "30 of the 40 classes" in doc.find("section", id="matrix").all_text()
+    assert max(Image.open(tmp_path / "r" / "confusion_matrix.png").size) <= 1400
+    assert not os.listdir(tmp_path / "r" / "thumbs")  # nothing to show, nothing decoded

@@ -53,6 +53,8 @@ from .report_html import shown  # noqa: F401 - the name callers used before the 
 __all__ = ["Section", "write_report", "shown"]
 
 TOP_PAIRS = 15
+#: most classes the labelled confusion matrix shows
+MATRIX_CLASSES = 30
 THUMB_PX = 144
 
 
@@ -119,6 +121,22 @@ def _section_files(out_dir: str, sec: Section) -> None:
             fh.write(data)
 
 
+def _matrix(out_dir: str, cm: np.ndarray, classes: list[str], pairs) -> str:
+    """The confusion matrix files (readable PNG, overview over 30 classes, CSV) and their HTML."""
+    from . import report_plots as plots
+
+    order = cluster_order(cm)
+    focus = set(focus_classes(pairs, len(classes)) or order[:MATRIX_CLASSES])
+    rows = [i for i in order if i in focus]
+    plots.plot_confusion(cm, classes, os.path.join(out_dir, "confusion_matrix.png"), rows)
+    overview = None
+    if len(rows) < len(classes):
+        overview = "confusion_overview.png"
+        plots.plot_confusion_overview(cm, order, os.path.join(out_dir, overview))
+    write_confusion_csv(cm, classes, os.path.join(out_dir, "confusion_matrix.csv"))
+    return rh.matrix_part("confusion_matrix.png", len(rows), len(classes), overview, bool(pairs))
+
+
 def write_report(
     out_dir,
     metrics,
@@ -154,20 +172,9 @@ def write_report(
 
     rows = per_class_rows(metrics, classes)
     plots.plot_per_class(rows, os.path.join(out_dir, "per_class_accuracy.png"))
-    parts.append(("per-class", "Per class, worst first", rh.per_class_table(rows, "per_class_accuracy.png")))  # fmt: skip
-
-    order = cluster_order(cm)
-    focus = focus_classes(pairs, n)
-    shown_rows = [i for i in order if i in set(focus)]
-    plots.plot_confusion(cm, classes, os.path.join(out_dir, "confusion_matrix.png"), shown_rows)
-    overview = None
-    if len(focus) < n:
-        overview = "confusion_overview.png"
-        plots.plot_confusion_overview(cm, order, os.path.join(out_dir, overview))
-    write_confusion_csv(cm, classes, os.path.join(out_dir, "confusion_matrix.csv"))
-    parts.append(
-        ("matrix", "Confusion matrix", rh.matrix_part("confusion_matrix.png", len(focus), n, overview))
-    )  # fmt: skip
+    table = rh.per_class_table(rows, "per_class_accuracy.png")
+    parts.append(("per-class", "Per class, worst first", table))
+    parts.append(("matrix", "Confusion matrix", _matrix(out_dir, cm, classes, pairs)))
 
     cards = []
     for i in confident_mistakes(y, proba):

@@ -193,12 +193,14 @@ def per_class_table(rows: list[dict], plot: str | None) -> str:
     )
 
 
-def matrix_part(focus_png: str, n_focus: int, n_classes: int, overview_png: str | None) -> str:
+def matrix_part(
+    focus_png: str, n_focus: int, n_classes: int, overview_png: str | None, confused: bool = True
+) -> str:
+    which = " (those of the top confusions)" if confused else ""
     what = (
-        f"all {n_classes} classes"
+        f"all {n_classes} classes, in clustered order"
         if n_focus == n_classes
-        else f"the {n_focus} classes involved in the top confusions (of {n_classes}), "
-        "in clustered order"
+        else f"{n_focus} of the {n_classes} classes{which}, in clustered order"
     )
     out = (
         f"<p class=muted>Rows: true class; columns: predicted; each cell the share of the true "

@@ -80,7 +80,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str, rows: list[int
     ax.set_yticks(range(n), names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    part = "" if n == len(classes) else f", the {n} classes of the top confusions"
+    part = "" if n == len(classes) else f"; {n} of {len(classes)} classes"
     ax.set_title(f"confusion matrix (share of each true class{part})")
     if n <= 30:
         for i in range(n):
