@@ -220,3 +220,23 @@ def test_a_perfect_40_class_model_still_gets_a_bounded_matrix(tmp_path):
     assert "30 of the 40 classes" in doc.find("section", id="matrix").all_text()
     assert max(Image.open(tmp_path / "r" / "confusion_matrix.png").size) <= 1400
     assert not os.listdir(tmp_path / "r" / "thumbs")  # nothing to show, nothing decoded
+
+
+def test_folds_and_a_validation_set_show_the_validation_rows(
+    flowers_small, heldout, cache_dir, tmp_path
+):
+    """`train --folds 2 --val DATA`: the headline is out-of-fold with the validation metrics
+    beside it; the pairs, tables, matrix and mistakes are those of the validation images."""
+    from .cli_helpers import train
+
+    assert train(flowers_small, tmp_path / "m", cache_dir, "--val", heldout) == 0
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    doc = parse(tmp_path / "m" / "report" / "report.html")
+    summary = doc.find("section", id="summary").all_text()
+    assert "On the validation set given" in summary
+    assert "below: on the validation set given (12 images)" in summary
+    text = (tmp_path / "m" / "report" / "confusion_matrix.csv").read_text(encoding="utf-8")
+    counts = np.asarray([r[1:] for r in csv.reader(text.splitlines())][1:], int)
+    assert counts.sum() == 12 and metrics["n_images"] == 30
+    support = [int(r[4].all_text()) for r in table_rows(doc, "per-class-table")]
+    assert support == [4, 4, 4]

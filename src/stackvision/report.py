@@ -156,13 +156,20 @@ def write_report(
 
     os.makedirs(out_dir, exist_ok=True)
     y, proba, classes = np.asarray(y, np.int64), np.asarray(proba), list(classes)
-    cm = np.asarray(metrics["confusion_matrix"], np.int64)
+    detail, note = metrics, None
+    if "holdout" in metrics or len(y) != metrics.get("n_images"):
+        # folds and a separate validation set: the rows shown are those of the validation set
+        from .metrics import classification_metrics
+
+        detail = classification_metrics(y, proba, classes)
+        note = f"the validation set given ({len(y):,} images)"
+    cm = np.asarray(detail["confusion_matrix"], np.int64)
     n = len(classes)
     thumbs = _Thumbs(out_dir, paths)
     parts: list[tuple[str, str, str]] = []
 
     on = rh.evaluated_on(metrics)
-    parts.append(("summary", "Summary", rh.summary(metrics, n, problems, on)))
+    parts.append(("summary", "Summary", rh.summary(metrics, n, problems, on, note)))
 
     pairs = confused_pairs(cm, y, proba, TOP_PAIRS)
     shots = {r: t for p in pairs for r in p.examples + p.references if (t := thumbs(r))}
@@ -170,7 +177,7 @@ def write_report(
         ("pairs", "Most-confused class pairs", rh.pairs_table(pairs, classes, shots, y, proba))
     )
 
-    rows = per_class_rows(metrics, classes)
+    rows = per_class_rows(detail, classes)
     plots.plot_per_class(rows, os.path.join(out_dir, "per_class_accuracy.png"))
     table = rh.per_class_table(rows, "per_class_accuracy.png")
     parts.append(("per-class", "Per class, worst first", table))

@@ -55,39 +55,55 @@ def _num(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else e(v)
 
 
-def summary(metrics: dict, n_classes: int, problems, evaluated_on: str) -> str:
-    """The headline metrics (with their spread across folds), what they were measured on, the
-    size of the data and what was wrong with it."""
-    keys = [k for k in HEADLINE if k in metrics and (k != "top5_accuracy" or n_classes > 5)]
+def _spread_cells(k: str, s: dict | None) -> str:
+    if not s:
+        return "<td>-</td><td>-</td>"
+    worst, best = ("max", "min") if k == "log_loss" else ("min", "max")
+    return (
+        f"<td>{s['mean']:.4f} \u00b1 {s['std']:.4f}</td>"
+        f"<td>{s[worst]:.4f} \u2013 {s[best]:.4f}</td>"
+    )
+
+
+def headline(metrics: dict, keys: list[str]) -> str:
+    """The headline table: each metric and, where there are folds, its spread across them."""
     sp = spread(metrics)
     head = "<tr><th class=l>metric</th><th>value</th>"
     if sp:
         n = next(iter(sp.values()))["n"]
         head += f"<th>across the {n} folds: mean \u00b1 std</th><th>worst \u2013 best fold</th>"
-    rows = []
-    for k in keys:
-        cells = f"<td class=l>{e(LABELS[k])}</td><td><b>{_num(metrics[k])}</b></td>"
-        if sp:
-            s = sp.get(k)
-            lo, hi = (("max", "min") if k == "log_loss" else ("min", "max")) if s else ("", "")
-            cells += (
-                f"<td>{s['mean']:.4f} \u00b1 {s['std']:.4f}</td><td>{s[lo]:.4f} \u2013 {s[hi]:.4f}</td>"
-                if s
-                else "<td>-</td><td>-</td>"
-            )
-        rows.append(f"<tr>{cells}</tr>")
-    table = f"<table id=headline>{head}</tr>{''.join(rows)}</table>"
+    rows = "".join(
+        f"<tr><td class=l>{e(LABELS[k])}</td><td><b>{_num(metrics[k])}</b></td>"
+        + (_spread_cells(k, sp.get(k)) if sp else "")
+        + "</tr>"
+        for k in keys
+    )
+    table = f"<table id=headline>{head}</tr>{rows}</table>"
     hold = metrics.get("holdout")
     if hold:
-        table += "<p>On the hold-out set given for validation (the fold ensemble):</p><table>" + "".join(
+        rows = "".join(
             f"<tr><td class=l>{e(LABELS[k])}</td><td>{_num(hold[k])}</td></tr>"
             for k in keys
             if k in hold
-        ) + "</table>"  # fmt: skip
+        )
+        table += f"<p>On the validation set given (the fold ensemble):</p><table>{rows}</table>"
+    return table
+
+
+def summary(
+    metrics: dict, n_classes: int, problems, evaluated_on: str, details_on: str | None = None
+) -> str:
+    """The headline metrics (with their spread across folds), what they were measured on, the
+    size of the data and what was wrong with it; ``details_on``: what the sections below were
+    computed on, when that is not what the headline was."""
+    keys = [k for k in HEADLINE if k in metrics and (k != "top5_accuracy" or n_classes > 5)]
+    table = headline(metrics, keys)
     facts = [
         f"<li>Measured on: <b>{e(evaluated_on)}</b></li>",
         f"<li>{metrics.get('n_images', 0):,} images scored, {n_classes} classes</li>",
     ]
+    if details_on:
+        facts.append(f"<li>The pairs, tables and images below: on <b>{e(details_on)}</b></li>")
     counts = problem_counts(problems or [])
     n_bad = sum(c for _, c in counts)
     if n_bad:
