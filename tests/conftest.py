@@ -146,3 +146,45 @@ KINDS = {
     "finetune": ("ft_dir", "finetune"),
     "ensemble": ("ens_dir", "ensemble"),
 }
+
+
+# ---------------------------------------------------------------------- a many-class model
+# 86 bird species x 3 images from cub86/train (3-fold stack, lite0, no TTA) and an evaluation on
+# 86 x 1 images of cub86/val: enough classes for the report's many-class layout, built once.
+CUB = SHARED_DATA / "cub86"
+
+
+@pytest.fixture(scope="session")
+def cub_train(tmp_path_factory) -> Path:
+    _require(CUB / "train")
+    classes = sorted(os.listdir(CUB / "train"))
+    return make_slice(tmp_path_factory.mktemp("cub-train"), CUB / "train", classes, 3)
+
+
+@pytest.fixture(scope="session")
+def cub_val(tmp_path_factory) -> Path:
+    _require(CUB / "val")
+    classes = sorted(os.listdir(CUB / "val"))
+    return make_slice(tmp_path_factory.mktemp("cub-val"), CUB / "val", classes, 1)
+
+
+@pytest.fixture(scope="session")
+def cub_dir(cub_train, cache_dir, kinds_root) -> Path:
+    """A stack trained by `stackvision train` on 86 classes (3 folds, lite0, --tta none)."""
+    from stackvision.cli import main
+
+    out = kinds_root / "cub"
+    args = ["train", str(cub_train), "--out", str(out), "--backbones", "lite0", "--folds", "3"]
+    assert main([*args, "--tta", "none", "--cache", cache_dir, "--device", "cpu", "-q"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def cub_eval(cub_dir, cub_val, cache_dir, kinds_root) -> Path:
+    """`stackvision evaluate` of :func:`cub_dir` on 86 held-out images."""
+    from stackvision.cli import main
+
+    out = kinds_root / "cub-eval"
+    args = ["evaluate", str(cub_dir), str(cub_val), "--out", str(out), "--cache", cache_dir]
+    assert main([*args, "--device", "cpu", "-q"]) == 0
+    return out

@@ -158,6 +158,11 @@ def test_finetuned_only_ensemble_exports_and_mixed_one_refuses(members, heldout,
     listing = from_folder(str(heldout))
     ens = EnsembleClassifier([members["ft0"], members["ft1"]], method="stacked", folds=3)
     ens.fit(listing.paths, listing.labels)
+    # a combiner fitted per fold: each fold's scores, for the report's spread across folds
+    folds, m = ens.metrics_["folds"], ens.metrics_
+    assert [f["fold"] for f in folds] == [1, 2, 3] and sum(f["n_images"] for f in folds) == 24
+    acc = sum(f["accuracy"] * f["n_images"] for f in folds) / m["n_images"]
+    assert acc == pytest.approx(m["accuracy"])
     mod = ens.to_torch_module()
     pp = ens.input_preprocess()
     from stackvision.images import load_rgb

@@ -116,3 +116,46 @@ def test_page_without_key_asks_for_one(server, browser):
     assert KEY not in browser.current_url  # sent as the X-API-Key header, never in a URL
     log = server.output()
     assert KEY not in log
+
+
+def test_report_of_an_86_class_model_in_chromium(cub_dir, browser, tmp_path):
+    """report.html of a many-class model at 1280 px: sections in order, 15 confused pairs with
+    two loaded thumbnails each, a loaded matrix no wider than the page, nothing overflowing."""
+    from selenium.webdriver.common.by import By
+
+    from .report_helpers import SECTIONS
+
+    browser.set_window_size(1280, 1000)
+    browser.get((cub_dir / "report" / "report.html").as_uri())
+    browser.execute_script("return document.readyState")  # get() waits for the load event
+    ids = [s.get_attribute("id") for s in browser.find_elements(By.CSS_SELECTOR, "section")]
+    assert ids == [s for s in SECTIONS if s != "curves"]
+    headings = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "section > h2")]
+    assert headings[:4] == [
+        "Summary",
+        "Most-confused class pairs",
+        "Per class, worst first",
+        "Confusion matrix",
+    ]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#pairs-table tr:has(td)")
+    assert len(rows) == 15
+    for row in rows:
+        widths = browser.execute_script(
+            "return Array.from(arguments[0].querySelectorAll('img')).map(i => i.naturalWidth)", row
+        )
+        assert len(widths) == 2 and all(w > 0 for w in widths), widths
+
+    matrix = browser.execute_script(
+        "const i = document.getElementById('confusion-focus'); const r = i.getBoundingClientRect();"
+        "return [i.complete, i.naturalWidth, r.width, document.body.clientWidth]"
+    )
+    complete, natural, shown_w, body_w = matrix
+    assert complete and natural > 0
+    assert 0 < shown_w <= min(body_w, 1100)  # scaled into the page, never wider than it
+    overflow = browser.execute_script(
+        "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+    )
+    assert overflow[0] <= overflow[1], overflow  # no horizontal scrolling at 1280 px
+    shot = tmp_path / "report.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 20_000  # a rendered page, not a blank one

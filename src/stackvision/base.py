@@ -116,6 +116,8 @@ class ModelBase(metaclass=abc.ABCMeta):
     _parameter_fixes: ClassVar[dict[str, str]] = {}
     # the attribute that fit and load set last: its presence means "fitted"
     _fitted_attribute: ClassVar[str] = "classes_"
+    # extra sections (report.Section) that save() adds to report.html; set on the instance
+    report_sections: Sequence = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -338,6 +340,7 @@ class ModelBase(metaclass=abc.ABCMeta):
                 write_report(
                     os.path.join(tmp, "report"), self.metrics_, paths, y, proba, self.classes_,
                     histories=histories, problems=self.problems_, title=title,
+                    sections=self.report_sections,
                 )  # fmt: skip
 
         return write_model_dir(path, manifest, tensors, files, add)

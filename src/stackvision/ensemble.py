@@ -199,7 +199,7 @@ class EnsembleClassifier(ModelBase):
             )
         self.problems_ = problems
         from .duplicates import content_groups
-        from .validation import kfold_splits
+        from .validation import fold_scores, kfold_splits
 
         # identical files in one fold: the combiners' out-of-fold scores stay honest
         splits = kfold_splits(yk, folds, self.seed, content_groups(paths))
@@ -246,6 +246,8 @@ class EnsembleClassifier(ModelBase):
             **classification_metrics(yk, oof[chosen], self.classes_),
             "table": rows,
         }
+        if chosen != "mean":  # fitted per fold: the report shows the spread across folds
+            self.metrics_["folds"] = fold_scores(yk, oof[chosen], splits)
         self.manifest_ = None
         self.method_ = chosen
         return self

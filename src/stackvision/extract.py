@@ -27,6 +27,9 @@ from .images import ImageDecodeError, read_bytes
 from .progress import progress as progress_bar
 from .progress import say
 
+#: seconds of hashing before its progress shows (a bar on a terminal, else lines)
+HASH_DELAY = 2.0
+
 
 @dataclass
 class Features:
@@ -116,12 +119,16 @@ def extract(
     # 1. Content hashes (cheap next to inference; they are what the cache is keyed by).
     hashes: list[str | None] = [None] * len(paths)
     failed: dict[int, str] = {}
+    # usually instant; 13k files on a slow disk are not: lines only if it lasts (see HASH_DELAY)
+    hash_bar = progress_bar(len(paths), "hash", "file", progress, delay=HASH_DELAY)
     with ThreadPoolExecutor(workers) as pool_ex:
         for i, res in enumerate(pool_ex.map(_hash_file, paths, chunksize=64)):
             if isinstance(res, ImageDecodeError):
                 failed[i] = res.reason
             else:
                 hashes[i] = res
+            hash_bar.update(1)
+    hash_bar.close()
     t_hash = time.perf_counter() - t0
     calibs = _calibrations(paths, hashes, specs, precision, calibration or {})
     stores = {

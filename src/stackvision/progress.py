@@ -31,18 +31,24 @@ class _Silent:
 
 
 class LogLines:
-    """Plain progress lines to ``stream``: at most one per ``step`` of the total or ``every`` s."""
+    """Plain progress lines to ``stream``: at most one per ``step`` of the total or ``every`` s;
+    none at all during the first ``delay`` s (a job done by then prints nothing)."""
 
-    def __init__(self, total: int, desc: str, unit: str, stream=None, step=0.1, every=30.0):
+    def __init__(
+        self, total: int, desc: str, unit: str, stream=None, step=0.1, every=30.0, delay=0.0
+    ):
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = stream or sys.stderr
         self.step, self.every = max(1, int(total * step)), every
         self.done, self.t0 = 0, time.monotonic()
         self._last_n, self._last_t = 0, self.t0
+        self._quiet_until = self.t0 + delay
 
     def update(self, n: int = 1) -> None:
         self.done += n
         now = time.monotonic()
+        if now < self._quiet_until:
+            return
         if self.done - self._last_n >= self.step or now - self._last_t >= self.every:
             self._line(now)
 
@@ -60,19 +66,25 @@ class LogLines:
         )
 
     def close(self) -> None:
-        if self.done != self._last_n:
-            self._line(time.monotonic())
+        now = time.monotonic()
+        if self.done != self._last_n and now >= self._quiet_until:
+            self._line(now)
 
 
-def progress(total: int, desc: str, unit: str = "img", enabled: bool = True):
-    """A progress reporter with ``update(n)`` and ``close()``: a bar, log lines, or nothing."""
+def progress(total: int, desc: str, unit: str = "img", enabled: bool = True, delay: float = 0.0):
+    """A progress reporter with ``update(n)`` and ``close()``: a bar, log lines, or nothing.
+
+    ``delay``: show nothing unless the job is still running after that many seconds (for steps
+    that are usually instant, such as hashing a few files, but can take minutes)."""
     if not enabled or total <= 0:
         return _Silent()
     if sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1)
-    return LogLines(total, desc, unit)
+        return tqdm(
+            total=total, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1, delay=delay
+        )
+    return LogLines(total, desc, unit, delay=delay)
 
 
 def say(text: str, enabled: bool = True) -> None:

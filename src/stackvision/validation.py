@@ -133,6 +133,26 @@ def cross_validate(
     return res
 
 
+def fold_scores(y: np.ndarray, proba: np.ndarray, splits, rows=None) -> list[dict]:
+    """The headline metrics of each fold's validation rows, ``[{fold, n_images, accuracy,
+    top5_accuracy, log_loss, macro_f1}]``, from which the report shows the spread across folds.
+
+    ``y``: labels of every row; ``proba[k]`` are the out-of-fold probabilities of row ``rows[k]``
+    (of row ``k`` when ``rows`` is ``None``)."""
+    from .metrics import classification_metrics, summary_row
+
+    at = np.full(len(y), -1, np.int64)
+    at[np.arange(len(proba)) if rows is None else np.asarray(rows)] = np.arange(len(proba))
+    out = []
+    for fi, (_tr, va) in enumerate(splits):
+        va = np.asarray(va)[at[va] >= 0]
+        if not len(va):
+            continue
+        m = classification_metrics(y[va], proba[at[va]], list(range(proba.shape[1])))
+        out.append({"fold": fi + 1, **summary_row(m), "macro_f1": m["macro_f1"]})
+    return out
+
+
 def ensemble_proba(heads, X: np.ndarray, n_views: int) -> np.ndarray:
     """Mean of the probabilities of every head over every view (K heads x n_views)."""
     return np.mean([predict_views(h, X, n_views) for h in heads], axis=0)
@@ -218,6 +238,7 @@ def fit_stack_heads(
         out.metrics = {
             "validation": f"{folds}-fold out-of-fold",
             **classification_metrics(y, oof, classes),
+            "folds": fold_scores(y, oof, splits, res.oof_index),
         }
         if val is not None:
             Xv, yv = val
