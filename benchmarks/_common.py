@@ -29,6 +29,25 @@ def cpu_description() -> str:
     return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM"
 
 
+def cpu_flags() -> str:
+    """Vendor, model, family and the vector flags that matter to the engines (from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            first = fh.read().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    info = dict(
+        (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in first.splitlines())
+    )
+    flags = set(info.get("flags", "").split())
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"]
+    have = [f for f in wanted if f in flags] or ["no AVX-512"]
+    return (
+        f"{info.get('vendor_id', '?')} {info.get('model name', '?')} (family "
+        f"{info.get('cpu family', '?')}), {os.cpu_count()} cores, flags {' '.join(have)}"
+    )
+
+
 def _gpu() -> str | None:
     try:
         import torch

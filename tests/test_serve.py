@@ -90,6 +90,7 @@ def test_health_needs_no_key_model_does(server):
     assert [b["name"] for b in info["backbones"]] == ["lite0"]
     assert info["metrics"]["accuracy"] > 0 and "torch" in info["versions"]
     assert info["input"]["size"] == 224 and info["serving"]["limits"]["max_images"] == 4
+    assert set(info["serving"]["blas_threads"]) == {1}  # see stackvision.threads
 
 
 @pytest.fixture()

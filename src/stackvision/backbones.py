@@ -101,6 +101,16 @@ _EMBEDDED = {
     ),
 }
 
+# Their timm pretrained configs as data (what ``_describe_timm`` reads from timm, checked equal by
+# tests/test_backbones.py), so resolving a lite backbone needs no timm: importing timm + torch +
+# torchvision costs ~2.7 s, and a run whose engines are compiled never needs them.
+_EMBEDDED_CFG = {
+    "lite0": ({"input_size": (3, 224, 224), "crop_pct": 0.875}, 1280),
+    "lite1": ({"input_size": (3, 240, 240), "crop_pct": 0.882}, 1280),
+    "lite2": ({"input_size": (3, 260, 260), "crop_pct": 0.89}, 1280),
+}
+_LITE_NORM = {"interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
 # Friendly aliases -> timm names (classic Keras-applications stack first, then modern models).
 ALIASES = {
     "xception": "legacy_xception.tf_in1k",
@@ -174,8 +184,6 @@ def resolve(name: str, weights: dict[str, str] | None = None) -> BackboneSpec:
 
     ``weights`` maps backbone names to local checkpoint files, overriding the default source.
     """
-    import timm
-
     weights = weights or {}
     raw = name.strip()
     key = raw.lower()
@@ -202,6 +210,8 @@ def resolve(name: str, weights: dict[str, str] | None = None) -> BackboneSpec:
             f"unknown backbone '{raw}'",
             "run 'stackvision backbones' to list names, or use timm:<model> for any timm model",
         )
+    import timm
+
     if not timm.is_model(arch):
         raise StackvisionError(
             f"unknown timm model '{arch}' (from backbone '{raw}')",
@@ -212,7 +222,11 @@ def resolve(name: str, weights: dict[str, str] | None = None) -> BackboneSpec:
 
 def _spec(name: str, arch: str, source: str, weights_path, description: str) -> BackboneSpec:
     """A registry record: timm's pretrained config of ``arch`` turned into our preprocessing."""
-    cfg, dim = _describe_timm(arch)
+    if name in _EMBEDDED and arch == _EMBEDDED[name][0]:
+        cfg, dim = _EMBEDDED_CFG[name]
+        cfg = {**cfg, **_LITE_NORM}
+    else:
+        cfg, dim = _describe_timm(arch)
     return BackboneSpec(
         name=name,
         architecture=arch,

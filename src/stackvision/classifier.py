@@ -259,6 +259,8 @@ class StackedClassifier(ModelBase):
 
         self.check_is_fitted()
         batch = check_uint8_batch(batch, self.input_preprocess().input_size)
+        if not len(batch):
+            return np.zeros((0, len(self.classes_)), np.float32)
         rt = self._runtime()
         engines = self.__dict__.setdefault("_engines", {})
         blocks = []
@@ -279,14 +281,15 @@ class StackedClassifier(ModelBase):
             x = resize_uint8(batch, pp.input_size, pp.interpolation)
             if pp.channel_order == "BGR":  # engines take the backbone's order (Normalize(pp))
                 x = x[..., ::-1]
-            eng, bs = engines[key], rt.batch_size
-            feats = []
-            for v in [x, x[:, :, ::-1]][: self.n_views_]:
-                parts = [
-                    eng.features(np.ascontiguousarray(v[i : i + bs])) for i in range(0, len(v), bs)
-                ]
-                feats.append(np.concatenate(parts) if parts else np.zeros((0, spec.feature_dim)))
-            blocks.append(np.stack(feats, axis=1).astype(np.float32))
+            # Every view in one engine call (one image + its flip: one batch of 2, not 2 of 1).
+            v = np.concatenate([x, x[:, :, ::-1]][: self.n_views_])
+            n, bs = len(batch), rt.batch_size * self.n_views_
+            parts = [
+                engines[key].features(np.ascontiguousarray(v[i : i + bs]))
+                for i in range(0, len(v), bs)
+            ]
+            f = np.concatenate(parts)
+            blocks.append(f.reshape(self.n_views_, n, -1).transpose(1, 0, 2).astype(np.float32))
         return self.predict_features(np.concatenate(blocks, axis=-1))
 
     def to_torch_module(self):

@@ -7,8 +7,8 @@ The input contract (also written into the ONNX metadata as ``stackvision.input``
 * The image is made by :func:`prepare_image`: decode to RGB (EXIF orientation applied), resize the
   short side to ``floor(S / crop_pct)`` with the named PIL interpolation, centre-crop S x S.
 * Inside the graph every backbone (ensemble member) whose own input size s is smaller than S gets an s x s copy made
-  by a fixed antialiased separable resize (PIL-style bicubic weights as constant float64 matrices,
-  rounded back to 0..255, :func:`resize_uint8`), then its own mean/std normalisation. Flip TTA, every fold
+  by a fixed antialiased separable resize (PIL-style bicubic weights, each output pixel a float64
+  sum of its few taps, rounded back to 0..255, :func:`resize_uint8`), then its own mean/std normalisation. Flip TTA, every fold
   head, fold averaging and temperature scaling follow; the output ``probabilities`` (N, C) is in the
   order of the class names in the metadata (``stackvision.classes``).
 
@@ -136,18 +136,69 @@ def resize_matrix(src: int, dst: int, interpolation: str = "bicubic") -> np.ndar
     return m
 
 
+@functools.lru_cache(maxsize=32)
+def resize_taps(
+    src: int, dst: int, interpolation: str = "bicubic"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of :func:`resize_matrix` as taps: ``idx`` (dst, K) source indices and ``w``
+    (dst, K) float64 weights, K = the widest row (a bicubic 260 -> 224 has 6 taps, not 260).
+    Padding taps repeat the row's last index with weight 0, which adds an exact 0.0."""
+    m = resize_matrix(src, dst, interpolation)
+    nz = [np.flatnonzero(row) if row.any() else np.zeros(1, np.int64) for row in m]
+    k = max(len(j) for j in nz)
+    idx = np.stack([np.pad(j, (0, k - len(j)), mode="edge") for j in nz]).astype(np.int64)
+    w = np.take_along_axis(m, idx, axis=1).copy()
+    for i, j in enumerate(nz):
+        w[i, len(j) :] = 0.0
+    idx.setflags(write=False)
+    w.setflags(write=False)
+    return idx, w
+
+
+def _taps_1d(x: np.ndarray, axis: int, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """One separable pass over axis 1 (rows) or 2 (columns) of an NHWC array -> float64.
+
+    Weights are laid out so numpy's innermost loop runs over a whole row (W x 3 values), not
+    over the 3 channels: the same products and sums, ~10x faster."""
+    n, h, wd, c = x.shape
+    acc = None
+    for k in range(idx.shape[1]):  # tap by tap, in the same order as the torch module
+        g = np.take(x, idx[:, k], axis=axis).astype(np.float64)
+        if axis == 1:  # (N, dst, W*C) x (dst, 1)
+            term = g.reshape(n, len(idx), wd * c) * w[:, k, None]
+        else:  # (N, H, dst*C) x (dst*C,)
+            term = g.reshape(n, h, len(idx) * c) * np.repeat(w[:, k], c)
+        acc = term if acc is None else acc + term
+    return acc.reshape(n, *((len(idx), wd) if axis == 1 else (h, len(idx))), c)
+
+
 def resize_uint8(batch: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
     """Resize a uint8 NHWC batch of S x S images to ``size`` x ``size`` exactly as the exported
-    graph does (float64 matrix products, so both agree to the last bit; rounded half to even,
-    clipped to 0..255)."""
+    graph does: separable, rows then columns, each output a float64 sum of its few taps of
+    :func:`resize_matrix` in a fixed order (so both agree to the last bit; rounded half to even,
+    clipped to 0..255). The dense matrix product it replaces cost ~8 ms an image (260 -> 224),
+    and its multi-threaded BLAS slowed the engines beside it; this is ~1 ms."""
     s = batch.shape[1]
     if s == size:
         return batch
-    m = resize_matrix(s, size, interpolation)
-    x = batch.transpose(0, 3, 1, 2).astype(np.float64)  # NCHW
-    y = np.matmul(np.matmul(m, x), m.T)
-    y = np.clip(np.round(y), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(y.transpose(0, 2, 3, 1))
+    idx, w = resize_taps(s, size, interpolation)
+    y = _taps_1d(_taps_1d(batch, 1, idx, w), 2, idx, w)
+    return np.clip(np.round(y), 0, 255).astype(np.uint8)
+
+
+def _torch_taps_resize(x, idx, w):
+    """:func:`resize_uint8`'s arithmetic on a float64 NCHW torch tensor (rows, then columns)."""
+    import torch
+
+    for dim in (2, 3):
+        shape = [1, 1, 1, 1]
+        shape[dim] = idx.shape[0]
+        acc = None
+        for k in range(idx.shape[1]):
+            term = torch.index_select(x, dim, idx[:, k]) * w[:, k].reshape(shape)
+            acc = term if acc is None else acc + term
+        x = acc
+    return x
 
 
 def input_contract(model) -> dict:
@@ -197,8 +248,9 @@ def _torch_module_class():
                 pp = spec.preprocess
                 resize = pp.input_size != self.input_size
                 if resize:
-                    m = resize_matrix(self.input_size, pp.input_size, pp.interpolation)
-                    self.register_buffer(f"resize{k}", torch.from_numpy(m.copy()))
+                    idx, w = resize_taps(self.input_size, pp.input_size, pp.interpolation)
+                    self.register_buffer(f"resize{k}_idx", torch.from_numpy(idx.copy()))
+                    self.register_buffer(f"resize{k}_w", torch.from_numpy(w.copy()))
                 self._resize.append(resize)
             self._heads = []
             for h, st in enumerate(head_states):
@@ -224,8 +276,8 @@ def _torch_module_class():
             for k, model in enumerate(self.backbones):
                 xi = x
                 if self._resize[k]:
-                    m = self.get_buffer(f"resize{k}")
-                    xi = torch.matmul(torch.matmul(m, xi.to(torch.float64)), m.t())
+                    idx, w = self.get_buffer(f"resize{k}_idx"), self.get_buffer(f"resize{k}_w")
+                    xi = _torch_taps_resize(xi.to(torch.float64), idx, w)
                     xi = torch.clamp(torch.round(xi), 0, 255).to(torch.float32)
                 feats.append(model(self.normalize[k].standardize(xi)))
             f = torch.cat(feats, 1)
@@ -252,7 +304,7 @@ def _torch_module_class():
 
 def ResizeUint8(src: int, dst: int, interpolation: str = "bicubic"):  # noqa: N802 - a factory
     """A ``torch.nn.Module``: uint8 NHWC (N, src, src, 3) -> uint8 NHWC (N, dst, dst, 3) by the
-    same float64 matrices as :func:`resize_uint8` (identity when ``src == dst``)."""
+    same float64 taps as :func:`resize_uint8` (identity when ``src == dst``)."""
     import torch
     from torch import nn
 
@@ -261,14 +313,14 @@ def ResizeUint8(src: int, dst: int, interpolation: str = "bicubic"):  # noqa: N8
             super().__init__()
             self.resize = src != dst
             if self.resize:
-                m = resize_matrix(src, dst, interpolation)
-                self.register_buffer("m", torch.from_numpy(m.copy()))
+                idx, w = resize_taps(src, dst, interpolation)
+                self.register_buffer("idx", torch.from_numpy(idx.copy()))
+                self.register_buffer("w", torch.from_numpy(w.copy()))
 
         def forward(self, x):
             if not self.resize:
                 return x
-            y = x.permute(0, 3, 1, 2).to(torch.float64)
-            y = torch.matmul(torch.matmul(self.m, y), self.m.t())
+            y = _torch_taps_resize(x.permute(0, 3, 1, 2).to(torch.float64), self.idx, self.w)
             y = torch.clamp(torch.round(y), 0, 255).to(torch.uint8)
             return y.permute(0, 2, 3, 1)
 

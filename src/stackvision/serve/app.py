@@ -28,6 +28,7 @@ import numpy as np
 from .. import __version__
 from ..errors import StackvisionError
 from ..export import input_contract
+from ..threads import blas_threads, limit_blas_threads
 from .auth import key_dependency, redact_logs
 from .batching import Batcher
 from .requests import PREDICT_BODY, ApiError, BodyLimit, Limits, prepare, read_images
@@ -78,11 +79,11 @@ class Service:
         s = self.preprocess.input_size
         return np.zeros((n, s, s, 3), np.uint8)
 
-    async def infer(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    async def infer(self, arrays: list[np.ndarray], expected=None) -> list[np.ndarray]:
         """Probabilities for each prepared image, through the batcher."""
         # return_exceptions: wait for every image, so no failed future is left unretrieved.
         results = await asyncio.gather(
-            *(self.batcher.submit(a) for a in arrays), return_exceptions=True
+            *(self.batcher.submit(a, expected) for a in arrays), return_exceptions=True
         )
         for r in results:
             if isinstance(r, Exception):
@@ -190,14 +191,16 @@ async def predict(
 ):
     svc = _service(request)
     t0 = time.perf_counter()
-    images, body_k = await read_images(request, svc.limits)
-    top_k = body_k or top_k
-    arrays = [
-        await run_in_threadpool(prepare, name, data, svc.preprocess, svc.limits)
-        for name, data in images
-    ]
-    t1 = time.perf_counter()
-    probas = await svc.infer(arrays)
+    with svc.batcher.expecting(1) as expected:  # a batch being collected waits for this one
+        images, body_k = await read_images(request, svc.limits)
+        expected.set(len(images))
+        top_k = body_k or top_k
+        arrays = [
+            await run_in_threadpool(prepare, name, data, svc.preprocess, svc.limits)
+            for name, data in images
+        ]
+        t1 = time.perf_counter()
+        probas = await svc.infer(arrays, expected)
     svc.counters["requests"] += 1
     svc.counters["images"] += len(images)
     return {
@@ -232,6 +235,7 @@ async def model_info(request: Request):
                 "limits": asdict(limits) | {"max_request_bytes": limits.max_request_bytes},
                 "api_key_required": bool(svc.api_key),
                 "stats": svc.batcher.snapshot(),
+                "blas_threads": blas_threads(),
             },
         }
     )
@@ -412,6 +416,7 @@ def serve(
 
     from ..models import load_model
 
+    limit_blas_threads(1)  # the engines use the cores; see stackvision.threads
     model = load_model(model_path, **runtime)
     app = create_app(
         model,

@@ -1,8 +1,10 @@
 """Dynamic batching: single images from concurrent requests share one forward pass.
 
-One task takes whatever is queued, waits at most ``max_wait_ms`` for more, up to ``max_batch``
-images, and runs ``predict`` on the stacked batch in a single inference thread (one thread, so
-the model never runs twice at once and its engines need no locking).
+One task takes whatever is queued, up to ``max_batch`` images, and runs ``predict`` on the stacked
+batch in a single inference thread (one thread, so the model never runs twice at once and its
+engines need no locking). It waits (at most ``max_wait_ms``) for more only while other requests
+are on their way (:meth:`Batcher.expecting`: being read or decoded); a lone request runs at once.
+Under load, requests that arrive while a batch runs queue up and form the next batch anyway.
 """
 
 from __future__ import annotations
@@ -23,6 +25,27 @@ class _Item:
         self.array, self.future, self.t_queued = array, future, time.perf_counter()
 
 
+class Expected:
+    """Images a request will submit (see :meth:`Batcher.expecting`); ``left`` not yet queued."""
+
+    __slots__ = ("batcher", "left")
+
+    def __init__(self, batcher: Batcher, n: int):
+        self.batcher, self.left = batcher, 0
+        self.set(n)
+
+    def set(self, n: int) -> None:
+        """Now known: the request brings ``n`` images in all (less those already submitted)."""
+        n = max(0, int(n))
+        self.batcher.incoming += n - self.left
+        self.left = n
+
+    def take_one(self) -> None:
+        if self.left > 0:
+            self.left -= 1
+            self.batcher.incoming -= 1
+
+
 class Batcher:
     """Collects single images from concurrent requests into batches for one forward pass.
 
@@ -40,6 +63,7 @@ class Batcher:
         self.max_batch = max(1, int(max_batch))
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self.queue: asyncio.Queue[_Item] | None = None
+        self.incoming = 0  # images of requests being read or decoded, not yet queued
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="stackvision-infer")
         self.task: asyncio.Task | None = None
         self.stats = {
@@ -62,10 +86,23 @@ class Batcher:
                 await self.task
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, array: np.ndarray) -> np.ndarray:
+    @contextlib.contextmanager
+    def expecting(self, n: int = 1):
+        """While a request is read and decoded: its ``n`` images are on their way, so a batch
+        being collected waits for them (up to ``max_wait_ms``). Yields an :class:`Expected` to
+        pass to :meth:`submit` (and to ``set`` the count once known)."""
+        exp = Expected(self, n)
+        try:
+            yield exp
+        finally:
+            exp.set(0)
+
+    async def submit(self, array: np.ndarray, expected: Expected | None = None) -> np.ndarray:
         """Queue one (S, S, 3) image; returns its probabilities once its batch has run."""
         fut = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Item(array, fut))
+        if expected is not None:
+            expected.take_one()  # in the queue from now on: no longer "on its way"
+        self.queue.put_nowait(_Item(array, fut))
         return await fut
 
     async def run_now(self, batch: np.ndarray) -> np.ndarray:
@@ -82,6 +119,8 @@ class Batcher:
                 continue
             except asyncio.QueueEmpty:
                 pass
+            if self.incoming <= 0:  # nothing else on its way: do not wait for nobody
+                break
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -126,5 +165,6 @@ class Batcher:
         st["batch_sizes"] = dict(sorted(st["batch_sizes"].items(), key=lambda kv: int(kv[0])))
         st["mean_batch"] = round(st["images"] / st["batches"], 3) if st["batches"] else None
         st["queued"] = self.queue.qsize() if self.queue else 0
+        st["incoming"] = self.incoming
         st["max_batch"], st["max_wait_ms"] = self.max_batch, self.max_wait * 1000
         return st
