@@ -19,6 +19,7 @@ once per backbone and cached on disk.
 
     python benchmarks/extract_speed.py                      # full size (slow on 2 cores)
     python benchmarks/extract_speed.py --n-images 128 --backbones lite0 --rss-sizes 64,256
+    python benchmarks/extract_speed.py --whole-process --rounds 3   # benchmarks/extract_process.py
 """
 
 from __future__ import annotations
@@ -443,4 +444,7 @@ def comp_versions() -> str:
 
 
 if __name__ == "__main__":
+    rest = [a for a in sys.argv[1:] if a != "--whole-process"]
+    if len(rest) < len(sys.argv) - 1:  # the CLI vs a plain script, each a fresh process
+        sys.exit(__import__("extract_process").main(rest))
     main()
