@@ -3,8 +3,10 @@
 1. Features of the torch engine on the GPU vs on the CPU (lite0/1/2, real images): max abs
    difference with TF32 convolutions off (what the engine does) and on (cuDNN's default).
 2. ``engine="auto"`` on a machine with a GPU resolves to torch on CUDA.
-3. End to end: ``extract`` on the GPU (decode threads on the CPU) vs model-only on the GPU, on
+3. End to end: ``extract`` on the GPU (decode threads or processes on the CPU, or
+   ``--decoder torchvision``: nvJPEG and the resize on the GPU) vs model-only on the GPU, on
    ``--n-images`` distinct JPEGs (random crops of the images given, when there are fewer).
+   Target for torchvision decoding: >= 60% of model-only for lite0 (issue 14).
 4. Fine-tuning lite0 on the GPU: epoch time and the loss going down.
 
     python benchmarks/gpu_check.py --images ../shared/data/imagewoof/val --out gpu.md
@@ -140,7 +142,9 @@ def check_extract(images, n, work):
             for _ in range(10):
                 eng.features(x)
             mo = 10 * bs / (time.perf_counter() - t)
-            for kind, workers in (("threads", 4), ("threads", auto_workers), ("auto", None)):
+            runs = [("threads", 4), ("threads", auto_workers), ("processes", auto_workers)]
+            runs += [("torchvision", auto_workers), ("auto", None)]  # nvJPEG, resize on the GPU
+            for kind, workers in runs:
                 with tempfile.TemporaryDirectory(dir=work) as c:
                     t = time.perf_counter()
                     f = ex.extract(
@@ -168,8 +172,14 @@ def check_extract(images, n, work):
 def kind_label(kind: str, workers: int) -> str:
     from stackvision.decoding import default_kind
     from stackvision.extract import model_device
+    from stackvision.gpu_decode import resolve_decoder
 
+    if kind == "torchvision":
+        return f"torchvision (nvJPEG, batched; {workers} reader threads)"
     if kind == "auto":
+        picked = resolve_decoder("auto", model_device())
+        if picked == "torchvision":
+            return "auto: torchvision (nvJPEG)"
         return f"auto: {workers} {default_kind(model_device(), workers)}"
     return f"{workers} {kind}"
 

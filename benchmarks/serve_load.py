@@ -162,6 +162,8 @@ def sequential(url: str, images: list[bytes], n: int, offset: int = 0) -> list[f
 
 def latency_mode(model: Path, images: list[bytes], args) -> str:
     srcs = [Path(s).resolve() for s in (args.src or [str(ROOT / "src")])]
+    if args.cache:  # serve has no --cache: the engine folder comes from $STACKVISION_CACHE
+        os.environ["STACKVISION_CACHE"] = args.cache
     servers = [Server(model, src=s) for s in srcs]
     lat: list[list[float]] = [[] for _ in srcs]
     load_before = os.getloadavg()[0]
@@ -255,7 +257,7 @@ def main() -> int:
         "--src", action="append", help="latency: a source tree to serve from (repeatable)"
     )
     ap.add_argument("--rounds", type=int, default=4, help="latency: alternating rounds")
-    ap.add_argument("--cache", help="profile: the feature/engine cache folder")
+    ap.add_argument("--cache", help="latency, profile: the feature/engine cache folder")
     ap.add_argument("--images", help="a folder of images to send (default: imagewoof/val, 32)")
     ap.add_argument("--stride", type=int, default=37, help="with --images: every n-th file")
     ap.add_argument("--model", help="model directory (default: train a small one)")

@@ -7,8 +7,10 @@ Layout (``root`` defaults to the user cache dir, e.g. ``~/.cache/stackvision``):
 
 ``key`` = first 24 hex digits of sha256 over the canonical JSON of: backbone architecture, weights id
 (sha256 of the weights file, or the hub id), preprocessing spec, pooling, and the engine's numbers
-id (``fp32``/``int8``; fp32 engines agree to 1e-3 and share a store). Inside a store a row is keyed
-by (image content hash, view), so a renamed or copied image is still a hit and an edited one misses.
+id (``fp32``/``int8``; fp32 engines agree to 1e-3 and share a store), and ``pixels:
+torchvision`` for images decoded by :mod:`stackvision.gpu_decode` (absent for PIL's pixels).
+Inside a store a row is keyed by (image content hash, view), so a renamed or copied image is
+still a hit and an edited one misses.
 
 Writes are SQLite transactions (WAL mode), one per batch: a killed process loses at most the batch in
 flight, never leaves a half-written row, and the next run resumes where it stopped.
@@ -134,12 +136,17 @@ class FeatureCache:
         self._stores.clear()
 
 
-def store_fields(spec, pool: str, numbers: str) -> dict:
-    """The fields that define a store's key (see the module docstring)."""
-    return {
+def store_fields(spec, pool: str, numbers: str, pixels: str = "pil") -> dict:
+    """The fields that define a store's key (see the module docstring). ``pixels``: who decoded
+    and resized the images, ``pil`` (no field: the keys of existing stores stay) or
+    ``torchvision`` (:mod:`stackvision.gpu_decode`, whose pixels differ a little)."""
+    fields = {
         "architecture": spec.architecture,
         "weights": spec.weights_id,
         "preprocess": spec.preprocess.to_dict(),
         "pool": pool,
         "numbers": numbers,
     }
+    if pixels != "pil":
+        fields["pixels"] = pixels
+    return fields

@@ -144,6 +144,7 @@ class StackedClassifier(ModelBase):
             device=rt.device,
             batch_size=rt.batch_size,
             workers=rt.workers,
+            decoder=rt.decoder,
             strict=rt.strict,
             progress=rt.progress,
             **({"calibration": self.calibration_} if self.calibration_ else {}),

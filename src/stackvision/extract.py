@@ -19,10 +19,10 @@ import numpy as np
 from .backbones import BackboneSpec
 from .cache import VIEWS, FeatureCache, content_hash, store_fields
 from .data import Problem
-from .decoding import KINDS as DECODER_KINDS
 from .decoding import DecodePool, default_kind, default_workers
 from .engines import create_engine, numbers_id
 from .errors import StackvisionError
+from .gpu_decode import TorchvisionPool, pixels_id, resolve_decoder
 from .images import ImageDecodeError, read_bytes
 from .progress import progress as progress_bar
 from .progress import say
@@ -107,11 +107,8 @@ def extract(
     """
     check_args(views, batch_size)
     views = tuple(views)
-    if decoder not in ("auto", *DECODER_KINDS):
-        raise StackvisionError(
-            f"unknown decoder '{decoder}'", f"use auto, {' or '.join(DECODER_KINDS)}"
-        )
     mdev = model_device(engine, device, precision)
+    decoder = resolve_decoder(decoder, mdev)  # pil, threads, processes or torchvision
     workers = workers or default_workers(mdev)
     cache = cache or FeatureCache()
     t0 = time.perf_counter()
@@ -133,7 +130,12 @@ def extract(
     calibs = _calibrations(paths, hashes, specs, precision, calibration or {})
     stores = {
         s.name: cache.store(
-            store_fields(s, pool, numbers_id(engine, precision, calibs.get(s.name), device)),
+            store_fields(
+                s,
+                pool,
+                numbers_id(engine, precision, calibs.get(s.name), device),
+                pixels_id(decoder),
+            ),
             s.feature_dim,
         )
         for s in specs
@@ -179,8 +181,12 @@ def extract(
                 for i in batch
             ]
 
-        kind = default_kind(mdev, workers, len(need)) if decoder == "auto" else decoder
-        with DecodePool(workers, kind) as decoding:
+        if decoder == "torchvision":  # decode on the model's device (nvJPEG on CUDA)
+            decode_pool = TorchvisionPool(mdev, workers)
+        else:
+            kind = default_kind(mdev, workers, len(need)) if decoder == "pil" else decoder
+            decode_pool = DecodePool(workers, kind)
+        with decode_pool as decoding:
             for batch, results in zip(batches, decoding.run(work(b) for b in batches)):
                 per_backbone: dict[str, list[tuple[str, np.ndarray]]] = {s.name: [] for s in active}
                 for i, res in zip(batch, results):
@@ -234,6 +240,7 @@ def extract(
         "images_per_second": round(n_new / t_compute, 2) if n_new and t_compute > 0 else None,
         "seconds": round(time.perf_counter() - t0, 3),
         "calibration": {name: c.key for name, c in calibs.items()},
+        "pixels": pixels_id(decoder),
     }
     return Features(
         paths=[paths[i] for i in keep],

@@ -21,6 +21,7 @@ from .params import Interval, Options, check_known, validate_params
 
 PRECISIONS = ("fp32", "bf16", "int8")  # as stackvision.engines.PRECISIONS (no torch import here)
 RUNNERS = ("local", "ray")
+DECODERS = ("auto", "pil", "threads", "processes", "torchvision")  # as stackvision.gpu_decode
 
 _POSITIVE = Interval(numbers.Integral, 1, None)
 _CONSTRAINTS = {
@@ -30,6 +31,7 @@ _CONSTRAINTS = {
     "precision": [Options(PRECISIONS), None],
     "batch_size": [_POSITIVE],
     "workers": [Interval(numbers.Integral, 0, None), None],
+    "decoder": [Options(DECODERS)],
     "strict": [bool],
     "progress": [bool],
     "runner": [Options(RUNNERS)],
@@ -45,7 +47,9 @@ class Runtime:
     ``cache_dir``: feature cache root (``None``: the default cache). ``device``: ``auto``, ``cpu``,
     ``cuda``... ``engine``: ``auto``, ``torch``, ``onnx``, ``openvino``. ``precision``: ``fp32``,
     ``bf16``, ``int8`` or ``None`` (see the module doc). ``batch_size``: images per inference
-    batch. ``workers``: image decode workers (``None`` or 0: picked per device). ``strict``: a bad image
+    batch. ``workers``: image decode workers (``None`` or 0: picked per device). ``decoder``:
+    ``auto``, ``pil``, ``threads``, ``processes`` or ``torchvision`` (decoding on the model's
+    device; its pixels, and so its cached features, are its own: :mod:`stackvision.gpu_decode`). ``strict``: a bad image
     is an error instead of being skipped. ``progress``: show progress. ``runner``: ``local`` or
     ``ray`` (feature extraction), with ``ray_address`` and ``ray_actors`` for Ray.
     """
@@ -56,6 +60,7 @@ class Runtime:
     precision: str | None = None
     batch_size: int = 32
     workers: int | None = None
+    decoder: str = "auto"
     strict: bool = False
     progress: bool = False
     runner: str = "local"

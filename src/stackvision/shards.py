@@ -245,8 +245,10 @@ def export_shards(
     labels: Sequence[str] | None = None,
     classes: Sequence[str] | None = None,
     rows_per_shard: int = 65536,
+    pixels: str = "pil",
 ) -> dict:
     """Copy the cached features of ``hashes`` (row order) into a sharded feature set at ``out_dir``.
+    ``pixels``: whose decoded pixels (``pil``, ``torchvision``; see ``cache.store_fields``).
 
     Reads the cache a shard at a time; raises if any (image, view) is missing from the cache.
     """
@@ -254,7 +256,7 @@ def export_shards(
 
     stores, backbones = {}, []
     for s in specs:
-        fields = store_fields(s, pool, numbers)
+        fields = store_fields(s, pool, numbers, pixels)
         stores[s.name] = cache.store(fields, s.feature_dim)
         backbones.append(
             {"name": s.name, "dim": s.feature_dim, "store": store_key(fields), "spec": s.to_dict()}

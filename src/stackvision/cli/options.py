@@ -167,6 +167,13 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
         help="decode threads (default: min(4, cores); min(16, cores) when the model is on a GPU)",
     )
     g.add_argument(
+        "--decoder",
+        default="auto",
+        choices=["auto", "pil", "threads", "processes", "torchvision"],
+        help="image decoding: pil (threads or processes), or torchvision on the model's device "
+        "(nvJPEG on a GPU; its own feature store); auto = torchvision on CUDA, else pil",
+    )
+    g.add_argument(
         "--strict",
         action="store_true",
         help="stop at the first unreadable image instead of skipping it",
@@ -252,6 +259,7 @@ def runtime(args, **changes) -> Runtime:
         precision=getattr(args, "precision", None),
         batch_size=getattr(args, "batch_size", 32),
         workers=getattr(args, "workers", None),
+        decoder=getattr(args, "decoder", "auto"),
         strict=getattr(args, "strict", False),
         progress=progress_enabled(args),
         runner=getattr(args, "runner", "local"),

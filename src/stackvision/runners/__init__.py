@@ -26,7 +26,7 @@ def extract_features(
     """Dispatch to the local runner or the Ray runner; same arguments, same :class:`Features`.
 
     ``kwargs`` are those of :func:`stackvision.extract.extract` (views, pool, cache, engine,
-    precision, device, batch_size, workers, strict, progress, assemble).
+    precision, device, batch_size, workers, decoder, strict, progress, assemble).
     """
     if runner not in RUNNERS:
         raise StackvisionError(f"unknown runner '{runner}'", f"use one of: {', '.join(RUNNERS)}")
@@ -38,6 +38,12 @@ def extract_features(
         from ..extract import extract
 
         return extract(paths, specs, **kwargs)
+    if kwargs.pop("decoder", "auto") == "torchvision":
+        raise StackvisionError(
+            "--decoder torchvision is not available with the Ray runner (its tasks decode "
+            "with PIL)",
+            "use --runner local for torchvision decoding, or leave --decoder at auto",
+        )
     if kwargs.get("precision", "fp32") == "int8":
         raise StackvisionError(
             "precision int8 is not available with the Ray runner",

@@ -75,6 +75,7 @@ def run(args) -> int:
         device=rt.device,
         batch_size=rt.batch_size,
         workers=rt.workers,
+        decoder=rt.decoder,
         strict=rt.strict,
         progress=rt.progress,
         assemble=False,  # the features stay in the cache (and in --export-shards)
@@ -116,6 +117,7 @@ def _export_shards(args, data, feats, specs, views, cache, engine, precision) ->
             pool=args.pool,
             cache=cache,
             numbers=numbers_id(engine, precision),
+            pixels=feats.stats.get("pixels", "pil"),
             labels=labels,
             classes=data.classes if labels else None,
             rows_per_shard=args.shard_rows,
