@@ -66,10 +66,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, *extra: str, src: Path = ROOT / "src"):
+    def __init__(self, model: Path, *extra: str, src: Path = ROOT / "src", env_extra=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ)
+        env = dict(os.environ) | dict(env_extra or {})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
         cmd = [sys.executable, "-m", "stackvision.cli", "serve", str(model), "--device", "cpu"]
         cmd += ["--port", str(self.port), "--log-level", "warning", *extra]
@@ -161,10 +161,13 @@ def sequential(url: str, images: list[bytes], n: int, offset: int = 0) -> list[f
 
 
 def latency_mode(model: Path, images: list[bytes], args) -> str:
-    srcs = [Path(s).resolve() for s in (args.src or [str(ROOT / "src")])]
+    # "PATH" or "PATH::VAR=VALUE,VAR=VALUE" (environment of that server, e.g. for an ablation)
+    variants = [v.partition("::") for v in (args.src or [str(ROOT / "src")])]
+    srcs = [Path(p).resolve() for p, _, _ in variants]
+    envs = [dict(kv.split("=", 1) for kv in e.split(",")) if e else {} for _, _, e in variants]
     if args.cache:  # serve has no --cache: the engine folder comes from $STACKVISION_CACHE
         os.environ["STACKVISION_CACHE"] = args.cache
-    servers = [Server(model, src=s) for s in srcs]
+    servers = [Server(model, src=s, env_extra=e) for s, e in zip(srcs, envs)]
     lat: list[list[float]] = [[] for _ in srcs]
     load_before = os.getloadavg()[0]
     try:
@@ -179,11 +182,11 @@ def latency_mode(model: Path, images: list[bytes], args) -> str:
             srv.stop()
     load_after = os.getloadavg()[0]
     stats = []
-    for s, xs in zip(srcs, lat):
+    for s, e, xs in zip(srcs, envs, lat):
         a = np.asarray(xs)
         stats.append(
             {
-                "src": s,
+                "src": f"{s}" + "".join(f" {k}={v}" for k, v in e.items()),
                 "n": len(a),
                 **{
                     p: float(np.percentile(a, q))
@@ -254,7 +257,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=("load", "latency", "profile"), default="load")
     ap.add_argument(
-        "--src", action="append", help="latency: a source tree to serve from (repeatable)"
+        "--src",
+        action="append",
+        help="latency: a source tree to serve from (repeatable); PATH::VAR=VALUE,... also sets "
+        "environment variables of that server",
     )
     ap.add_argument("--rounds", type=int, default=4, help="latency: alternating rounds")
     ap.add_argument("--cache", help="latency, profile: the feature/engine cache folder")
