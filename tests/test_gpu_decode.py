@@ -125,6 +125,15 @@ def test_cli_extract_with_the_torchvision_decoder(mixed, tmp_path, capsys):
     assert main(run) == 0
     out = capsys.readouterr().out
     assert "passes/s" in out and "img/s" in out
+    row = dict(zip(*[ln.split() for ln in out.splitlines()[:3:2]]))
+    assert float(row["passes/s"]) == pytest.approx(2 * float(row["img/s"]), rel=0.02)  # 2 views
+    # shards are exported from the torchvision store (the PIL one is empty)
+    shards = tmp_path / "shards"
+    assert main([*run, "--export-shards", str(shards)]) == 0
+    capsys.readouterr()
+    from stackvision.shards import ShardedFeatures
+
+    assert ShardedFeatures(str(shards)).shape == (5, 2, 1280)
     assert main([*run[:-2], "--decoder", "torchvision", "--runner", "ray"]) == 2
     err = capsys.readouterr().err
     assert "--decoder torchvision is not available with the Ray runner" in err
