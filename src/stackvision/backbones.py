@@ -101,8 +101,8 @@ _EMBEDDED = {
     ),
 }
 
-# Their timm pretrained configs as data (what ``_describe_timm`` reads from timm, checked equal by
-# tests/test_backbones.py), so resolving a lite backbone needs no timm: importing timm + torch +
+# Their timm pretrained configs as data (what ``_describe_timm`` reads from timm, checked equal in
+# tests/test_startup.py), so resolving a lite backbone needs no timm: importing timm + torch +
 # torchvision costs ~2.7 s, and a run whose engines are compiled never needs them.
 _EMBEDDED_CFG = {
     "lite0": ({"input_size": (3, 224, 224), "crop_pct": 0.875}, 1280),
