@@ -131,8 +131,10 @@ async def load(url: str, images: list[bytes], clients: int, requests: int) -> di
     }
 
 
-def run(model: Path, images: list[bytes], args, max_batch: int) -> dict:
-    srv = Server(model, "--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms))
+def run(model: Path, images: list[bytes], args, max_batch: int, src: Path = ROOT / "src") -> dict:
+    srv = Server(
+        model, "--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms), src=src
+    )
     try:
         asyncio.run(load(srv.url, images, args.clients, args.warmup))  # not counted
         before = httpx.get(srv.url + "/health").json()["batching"]
@@ -259,7 +261,7 @@ def main() -> int:
     ap.add_argument(
         "--src",
         action="append",
-        help="latency: a source tree to serve from (repeatable); PATH::VAR=VALUE,... also sets "
+        help="load, latency: a source tree to serve from (repeatable); PATH::VAR=VALUE,... also sets "
         "environment variables of that server",
     )
     ap.add_argument("--rounds", type=int, default=4, help="latency: alternating rounds")
@@ -296,15 +298,19 @@ def main() -> int:
         return 0
 
     load_before = os.getloadavg()[0]
+    if args.cache:  # serve has no --cache: the engine folder comes from $STACKVISION_CACHE
+        os.environ["STACKVISION_CACHE"] = args.cache
     results = []
-    for mb in (32, 1):
-        print(f"--max-batch {mb}: {args.clients} clients, {args.requests} requests ...", flush=True)
-        r = run(model, images, args, mb)
-        print(
-            f"  {r['throughput']:.2f} req/s, p50 {r['p50']:.0f} ms, p95 {r['p95']:.0f} ms, "
-            f"p99 {r['p99']:.0f} ms, errors {r['errors']}, mean batch {r['mean_batch']:.1f}"
-        )
-        results.append(r)
+    for src in [Path(p).resolve() for p in (args.src or [str(ROOT / "src")])]:
+        for mb in (32, 1):
+            print(f"{src} --max-batch {mb}: {args.clients} clients, {args.requests} requests ...")
+            r = run(model, images, args, mb, src) | {"src": src}
+            print(
+                f"  {r['throughput']:.2f} req/s, p50 {r['p50']:.0f} ms, p95 {r['p95']:.0f} ms, "
+                f"p99 {r['p99']:.0f} ms, errors {r['errors']}, mean batch {r['mean_batch']:.1f}",
+                flush=True,
+            )
+            results.append(r)
     load_after = os.getloadavg()[0]
     speedup = results[0]["throughput"] / results[1]["throughput"]
     print(f"dynamic batching speed-up over batch size 1: {speedup:.2f}x")
@@ -317,7 +323,8 @@ def main() -> int:
         threads = "?"
     cmd = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/serve_load.py", *sys.argv[1:]])
     rows = "\n".join(
-        f"| {r['max_batch']} | {r['requests']} | {r['errors']} | {r['throughput']:.2f} | "
+        f"| `{r['src']}` | {r['max_batch']} | {r['requests']} | {r['errors']} | "
+        f"{r['throughput']:.2f} | "
         f"{r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['mean_batch']:.1f} |"
         for r in results
     )
@@ -332,11 +339,11 @@ def main() -> int:
   (+{args.warmup} warm-up requests), images from imagewoof/val (~10 KB JPEGs), server on loopback,
   `--max-wait-ms {args.max_wait_ms:g}`
 
-| --max-batch | requests | errors | req/s | p50 ms | p95 ms | p99 ms | mean batch |
-| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+| source tree | --max-batch | requests | errors | req/s | p50 ms | p95 ms | p99 ms | mean batch |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
 {rows}
 
-Dynamic batching speed-up over batch size 1: **{speedup:.2f}x** throughput.
+Dynamic batching speed-up over batch size 1 (first source tree): **{speedup:.2f}x** throughput.
 """
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
