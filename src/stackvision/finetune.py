@@ -181,6 +181,9 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
         return self._runtime().workers or default_workers(str(self._device()))
 
     def _decoder(self, n_images: int) -> str:
+        # PIL only (--decoder threads/processes pick the worker kind; the others: the default)
+        if self._runtime().decoder in ("threads", "processes"):
+            return self._runtime().decoder
         return default_kind(str(self._device()), self._workers(), n_images)
 
     def _load(self, paths: list[str]):

@@ -171,7 +171,8 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "pil", "threads", "processes", "torchvision"],
         help="image decoding: pil (threads or processes), or torchvision on the model's device "
-        "(nvJPEG on a GPU; its own feature store); auto = torchvision on CUDA, else pil",
+        "(nvJPEG on a GPU; its own feature store); auto = torchvision on CUDA, else pil "
+        "(fine-tuning always decodes with PIL)",
     )
     g.add_argument(
         "--strict",
