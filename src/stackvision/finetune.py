@@ -180,11 +180,9 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
     def _workers(self) -> int:
         return self._runtime().workers or default_workers(str(self._device()))
 
-    def _decoder(self, n_images: int) -> str:
-        # PIL only (--decoder threads/processes pick the worker kind; the others: the default)
-        if self._runtime().decoder in ("threads", "processes"):
-            return self._runtime().decoder
-        return default_kind(str(self._device()), self._workers(), n_images)
+    def _decoder(self, n: int) -> str:  # PIL only: --decoder threads|processes is kept
+        d, dev = self._runtime().decoder, str(self._device())
+        return d if d in ("threads", "processes") else default_kind(dev, self._workers(), n)
 
     def _load(self, paths: list[str]):
         return decode_crops(
