@@ -141,3 +141,15 @@ def test_cli_extract_with_the_torchvision_decoder(mixed, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse: usage and the choices, exit 2
         main([*run[:-2], "--decoder", "gpu"])
     assert exit_.value.code == 2 and "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+def test_fine_tuning_decodes_with_pil_and_keeps_the_worker_kind():
+    from stackvision import Runtime
+    from stackvision.finetune import FineTunedClassifier
+
+    def kind(decoder):
+        rt = Runtime(device="cpu", decoder=decoder)
+        return FineTunedClassifier("lite0", runtime=rt)._decoder(1000)
+
+    assert kind("processes") == "processes" and kind("threads") == "threads"
+    assert kind("torchvision") == kind("auto") == "threads"  # a CPU model: PIL in threads
