@@ -11,8 +11,9 @@ for an answer sees). With several ``--src`` folders (e.g. ``--src /work/main/src
 before/after), one server per source tree, all on the same model, measured in alternating rounds
 so that other load on the machine hits them alike; prints p50/p90/p99 and their ratios.
 
-``--mode profile``: no server; in this process, where the time of one request goes (decode and
-crop, then ``forward_uint8``), by cProfile over ``--requests`` single images.
+``--mode profile``: no server; in this process (BLAS on one thread, as in the server), where the
+time of one request goes (decode and crop, then ``forward_uint8``), by cProfile over
+``--requests`` single images.
 
     python benchmarks/serve_load.py                      # trains a small lite0 model first
     python benchmarks/serve_load.py --model MODEL --clients 16 --requests 192
@@ -230,6 +231,9 @@ def profile_mode(model_dir: Path, images: list[bytes], args) -> str:
     sys.path.insert(0, str(ROOT / "src"))
     from stackvision import Runtime, load_model
     from stackvision.export import prepare_image
+    from stackvision.threads import limit_blas_threads
+
+    limit_blas_threads(1)  # as the server does (stackvision.serve.serve)
 
     model = load_model(str(model_dir), Runtime(args.cache, device="cpu") if args.cache else None)
     pp = model.input_preprocess()
@@ -252,7 +256,13 @@ def profile_mode(model_dir: Path, images: list[bytes], args) -> str:
     text = buf.getvalue()
     print(text)
     print(f"in-process, one image: p50 {np.median(times):.1f} ms (with cProfile on)")
-    return f"## Profile of one served image (in-process)\n\n```\n{text.strip()}\n```\n"
+    cmd = "python " + shlex.join(["benchmarks/serve_load.py", *sys.argv[1:]])
+    return (
+        f"## Profile of one served image (in-process, BLAS on one thread)\n\n"
+        f"- Date: {dt.date.today().isoformat()}; machine: {machine()}; 1-min load average "
+        f"{os.getloadavg()[0]:.1f}\n- Command: `{cmd}`\n- p50 {np.median(times):.1f} ms with "
+        f"cProfile on\n\n```\n{text.strip()}\n```\n"
+    )
 
 
 def main() -> int:
