@@ -26,10 +26,14 @@ from .duplicates import content_groups
 from .errors import StackvisionError
 from .finetune_net import backbone_blocks, exact_fp32, is_batchnorm, torch_module
 from .finetune_net import loss as loss_fn
+from .finetune_recipes import WeightEMA, decayed_groups, lp_init, mixup
 from .training import BestWeights, EarlyStopping, Hook, ReduceLROnPlateau, TrainingLoop
 from .validation import holdout_split
 
 CHECKPOINT = "checkpoint.safetensors"
+HEAD_INITS = ("random", "lp")
+#: the recipe parameters (:mod:`.finetune_recipes`) the manifest records
+RECIPES = ("head_init", "lp_C", "lr_decay", "ema", "mixup")
 
 
 class FineTuneTraining:
@@ -81,6 +85,10 @@ class FineTuneTraining:
             "n_images": int(len(self.train_y_)),
             "per_class": dict(sorted(counts.items())),
             "n_problems": len(self.problems_),
+            **{k: getattr(self, k) for k in RECIPES},
+            "linear_probe": getattr(self, "lp_", None),
+            "time_limit": self.time_limit,
+            "stopped_by_time_limit": bool(getattr(self, "deadline_", None) and self.deadline_.hit),
         }
 
     def _set_trainable(self, phase: str) -> list:
@@ -129,7 +137,9 @@ class FineTuneTraining:
         else:
             lr = float(self.finetune_lr or self.lr / 10)
             groups = [{"params": list(self.net_.fc.parameters()), "lr": lr}]
-            if backbone_params:
+            if backbone_params and float(self.lr_decay) < 1:
+                groups = decayed_groups(self.net_, backbone_params, lr, float(self.lr_decay))
+            elif backbone_params:
                 groups.append({"params": backbone_params, "lr": lr})
         return torch.optim.AdamW(groups, weight_decay=float(self.weight_decay))
 
@@ -153,6 +163,7 @@ class FineTuneTraining:
                 "pool",
                 "batch_size",
                 "seed",
+                *RECIPES,
             )
         }
         cfg["augment"] = self.augment_.to_dict()
@@ -224,17 +235,22 @@ class FineTuneTraining:
         net = self.net_
         self._fingerprint_ = self._fingerprint(tpaths, tyk, vpaths, vyk)
         self.stopped_early_ = False
-        phases = [("head", int(self.head_epochs)), ("finetune", int(self.epochs))]
+        lp = self.head_init == "lp"  # the probe replaces the head phase
+        phases = [("head", 0 if lp else int(self.head_epochs)), ("finetune", int(self.epochs))]
         if not self.unfreeze:
             # No backbone block to unfreeze: the fine-tune phase would just train the head more.
-            phases = [("head", int(self.head_epochs) + int(self.epochs))]
+            phases = [("head", phases[0][1] + int(self.epochs))]
+        data = _EpochData(timgs, tyk, vimgs, vyk)
+        resume = self._read_checkpoint()
+        self.lp_ = self._lp_start(data) if lp and resume is None else None
         best = BestWeights(
             lambda: {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
             net.load_state_dict,
             min_delta=1e-6,
             weights={k: v.detach().clone() for k, v in net.state_dict().items()},
         )
-        resume = self._read_checkpoint()
+        if self.lp_ is not None:  # fine-tuning must beat the probe to replace it
+            best.best = self.lp_["val_loss"]
         self.resumed_from_epoch_ = 0
         if resume is not None:
             meta, tensors = resume
@@ -244,13 +260,12 @@ class FineTuneTraining:
             best.weights = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
             self.resumed_from_epoch_ = int(meta["loop"]["epoch"])
         net.to(self.device_)
-
-        data = _EpochData(timgs, tyk, vimgs, vyk)
         history: list[dict] = []
         epoch, user_stop = 0, []
 
         def user_hook(record):
-            if on_epoch_end is not None and on_epoch_end(record):
+            late = not self.deadline_.next_epoch_fits(record["seconds"])
+            if late or (on_epoch_end is not None and on_epoch_end(record)):
                 user_stop.append(record["epoch"])  # ends this phase and skips the next
                 return True
             return False
@@ -285,6 +300,8 @@ class FineTuneTraining:
             if self.work_dir:
                 self._save_checkpoint(phase, loop, opt, best)
 
+        self._ema = WeightEMA(self.net_, float(self.ema)) if self.ema else None
+
         loop = TrainingLoop(
             lambda e: self._train_epoch(phase, e, opt, data),
             lambda e: self._validate(phase, data),
@@ -302,6 +319,14 @@ class FineTuneTraining:
             fields={"phase": phase},
         )
         return loop
+
+    def _lp_start(self, data: _EpochData) -> dict:
+        """LP-FT: the dense layer set to the logistic regression fitted on the frozen features
+        of the training images; returns the probe's validation loss and accuracy."""
+        if data.feats is None:
+            data.feats = self._backbone_features(data.timgs)
+        lp_init(self.net_, data.feats, data.tyk, len(self.classes_), self.lp_C, self.seed)
+        return {"C": self.lp_C, **self._validate("head", data)}
 
     def _progress(self, r: dict) -> None:
         if self._runtime().progress:
@@ -326,31 +351,46 @@ class FineTuneTraining:
             data.feats = self._backbone_features(data.timgs)
         perm = torch.randperm(len(data.tyk), generator=g)
         yt_all = torch.from_numpy(data.tyk)
-        tot, correct = 0.0, 0
+        tot, correct, seen = 0.0, 0, 0
+        ema, rng = self._ema, np.random.default_rng(self.seed * 100_003 + epoch)
+        if ema is not None:
+            ema.swap_out()  # learn on the learning weights, not their average
         for i in range(0, len(perm), bs):
+            if i and self.deadline_.passed():
+                break  # out of time: this epoch ends here (validated, best weights kept)
             idx = perm[i : i + bs]
             yb = yt_all[idx].to(self.device_)
             if use_cache:
-                logits = net.head(data.feats[idx])
+                inp = data.feats[idx]
             else:
                 batch = data.timgs[idx.numpy()]
-                if aug.active:
-                    batch = aug.batch(batch, g)
-                x = self._to_input(batch)
-                if phase == "head":
-                    with torch.no_grad():
-                        f = net.backbone(x)
-                    logits = net.head(f)
-                else:
-                    logits = net(x)
+                inp = self._to_input(aug.batch(batch, g) if aug.active else batch)
+            y2 = None
+            if self.mixup:
+                inp, yb, y2, lam = mixup(inp, yb, float(self.mixup), rng)
+            if use_cache:
+                logits = net.head(inp)
+            elif phase == "head":
+                with torch.no_grad():
+                    f = net.backbone(inp)
+                logits = net.head(f)
+            else:
+                logits = net(inp)
             loss_each = loss_fn(logits, yb, n_classes, ls)
+            if y2 is not None:
+                loss_each = lam * loss_each + (1 - lam) * loss_fn(logits, y2, n_classes, ls)
             opt.zero_grad(set_to_none=True)
             loss_each.mean().backward()
             opt.step()
+            if ema is not None:
+                ema.update()
             tot += float(loss_each.detach().sum())
             pred = (logits[:, 0] > 0).long() if n_classes == 2 else logits.argmax(1)
             correct += int((pred == yb).sum())
-        return {"loss": tot / len(data.tyk), "accuracy": correct / len(data.tyk)}
+            seen += len(idx)
+        if ema is not None:
+            ema.swap_in()  # validation, best weights and checkpoints see the average
+        return {"loss": tot / max(seen, 1), "accuracy": correct / max(seen, 1)}
 
     def _validate(self, phase: str, data: _EpochData) -> dict:
         """Validation loss and accuracy on the original view (what early stopping and the LR
