@@ -32,9 +32,10 @@ CONFIGS = {
     "lpft2": {**LPFT, "unfreeze": 2},
     "lpft_all": {**LPFT, "unfreeze": "all"},
     "lpft_all_decay": {**LPFT, "unfreeze": "all", "lr_decay": 0.7},
-    "lpft_all_ema": {**LPFT, "unfreeze": "all", "ema": 0.99},
-    "lpft_all_mixup": {**LPFT, "unfreeze": "all", "mixup": 0.2},
-    "lpft_all_aug": {**LPFT, "unfreeze": "all", "augment": "standard"},
+    "lpft2_lr3e-4": {**LPFT, "unfreeze": 2, "finetune_lr": 3e-4},
+    "lpft2_ema": {**LPFT, "unfreeze": 2, "ema": 0.99},
+    "lpft2_mixup": {**LPFT, "unfreeze": 2, "mixup": 0.2},
+    "lpft2_aug": {**LPFT, "unfreeze": 2, "augment": "standard"},
 }
 
 

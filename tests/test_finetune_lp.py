@@ -55,9 +55,11 @@ def test_lp_ft_keeps_the_probe_unless_fine_tuning_beats_it(flowers_small):
     ).fit(X, y)
     hist = model.history_
     assert [h["phase"] for h in hist] == ["finetune", "finetune"]  # no head phase
-    best = min(h["val_loss"] for h in hist)
-    if best < model.lp_["val_loss"] - 1e-6:
-        assert model.best_epoch_ == 1 + int(np.argmin([h["val_loss"] for h in hist]))
+    # compared after each one's best temperature, as the calibrated model will be
+    assert all("val_loss_cal" in h for h in hist) and "val_loss_cal" in model.lp_
+    best = min(h["val_loss_cal"] for h in hist)
+    if best < model.lp_["val_loss_cal"] - 1e-6:
+        assert model.best_epoch_ == 1 + int(np.argmin([h["val_loss_cal"] for h in hist]))
     else:
         assert model.best_epoch_ == 0  # the probe's weights were kept
 

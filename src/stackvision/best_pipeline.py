@@ -141,6 +141,9 @@ def fit_best(
     for bb in FT_BACKBONES:
         left = end - time.monotonic() - reserve
         t0 = time.monotonic()
+        if left <= 0:
+            steps.append(Step(f"+ LP-FT {bb}", 0.0, "-", None, "skipped: no time left"))
+            continue
         train_ips, infer_ips = _speed(bb, weights, None)
         n_t, n_h = len(t_paths), len(h_paths)
         predict = (2 * n_h + 2 * 0.15 * n_t) / infer_ips  # H and the member's own calibration

@@ -6,6 +6,8 @@ parameter of :class:`~stackvision.finetune.FineTunedClassifier`:
   training images and writes it into the dense layer, so fine-tuning starts exactly where the
   linear probe ends (the network's predictions before the first step are the probe's) and the
   backbone is not pulled around by gradients of a random head. It replaces the head phase.
+  Fine-tuned weights replace the probe only if they beat it on the validation loss after each
+  one's best temperature (:func:`calibrated_loss`), which is what the calibrated model will see.
 * ``lr_decay`` < 1: :func:`decayed_groups`, layer-wise learning-rate decay: the dense layer learns
   at ``finetune_lr``, the top unfrozen block at ``finetune_lr * lr_decay``, the next one down at
   ``* lr_decay**2``... (low layers hold generic features and move least).
@@ -46,6 +48,15 @@ def lp_init(net, feats, y: np.ndarray, n_classes: int, C: float, seed: int = 0):
         fc.weight.copy_(torch.as_tensor(W, dtype=fc.weight.dtype))
         fc.bias.copy_(torch.as_tensor(b, dtype=fc.bias.dtype))
     return head
+
+
+def calibrated_loss(proba, y: np.ndarray) -> float:
+    """Log loss of probabilities (torch, N x C) after the temperature that suits them best."""
+    from .metrics import log_loss
+    from .validation import apply_temperature, fit_temperature
+
+    p = proba.double().cpu().numpy()
+    return log_loss(y, apply_temperature(p, fit_temperature(p, y)))
 
 
 # ---------------------------------------------------------------------- layer-wise lr decay

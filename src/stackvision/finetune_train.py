@@ -14,9 +14,6 @@ trains the same as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections import Counter
 
 import numpy as np
@@ -24,19 +21,18 @@ import numpy as np
 from .data import check_trainable
 from .duplicates import content_groups
 from .errors import StackvisionError
-from .finetune_net import backbone_blocks, exact_fp32, is_batchnorm, torch_module
+from .finetune_checkpoint import CHECKPOINT, RECIPES, FineTuneCheckpoints, _optimizer_state
+from .finetune_net import backbone_blocks, exact_fp32, is_batchnorm, logits_to_proba, torch_module
 from .finetune_net import loss as loss_fn
-from .finetune_recipes import WeightEMA, decayed_groups, lp_init, mixup
+from .finetune_recipes import WeightEMA, calibrated_loss, decayed_groups, lp_init, mixup
 from .training import BestWeights, EarlyStopping, Hook, ReduceLROnPlateau, TrainingLoop
 from .validation import holdout_split
 
-CHECKPOINT = "checkpoint.safetensors"
 HEAD_INITS = ("random", "lp")
-#: the recipe parameters (:mod:`.finetune_recipes`) the manifest records
-RECIPES = ("head_init", "lp_C", "lr_decay", "ema", "mixup")
+__all__ = ["CHECKPOINT", "HEAD_INITS", "FineTuneTraining"]
 
 
-class FineTuneTraining:
+class FineTuneTraining(FineTuneCheckpoints):
     """The training half of :class:`~stackvision.finetune.FineTunedClassifier` (a mixin: it
     reads the estimator's parameters and fitted ``net_``, ``device_``, ``augment_``...)."""
 
@@ -143,92 +139,6 @@ class FineTuneTraining:
                 groups.append({"params": backbone_params, "lr": lr})
         return torch.optim.AdamW(groups, weight_decay=float(self.weight_decay))
 
-    def _fingerprint(self, train_paths, train_y, val_paths, val_y) -> str:
-        params = self.get_params(deep=False)
-        cfg = {
-            k: params[k]
-            for k in (
-                "backbone",
-                "epochs",
-                "head_epochs",
-                "unfreeze",
-                "lr",
-                "finetune_lr",
-                "weight_decay",
-                "dropout",
-                "label_smoothing",
-                "patience",
-                "lr_patience",
-                "lr_factor",
-                "pool",
-                "batch_size",
-                "seed",
-                *RECIPES,
-            )
-        }
-        cfg["augment"] = self.augment_.to_dict()
-        cfg["preprocess"] = self.preprocess_.to_dict()
-        cfg["weights_id"] = self.spec_.weights_id
-        cfg["classes"] = self.classes_
-        h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-        for p, y in zip(train_paths, train_y):
-            h.update(f"t{os.path.abspath(p)}\0{int(y)}\n".encode())
-        for p, y in zip(val_paths, val_y):
-            h.update(f"v{os.path.abspath(p)}\0{int(y)}\n".encode())
-        return h.hexdigest()
-
-    def _save_checkpoint(self, phase: str, loop, opt, best) -> None:
-        """Weights, best weights, optimiser and loop state (JSON) in one file, replaced
-        atomically: a killed run leaves the previous checkpoint intact."""
-        from safetensors.torch import save_file
-
-        torch = torch_module()
-        tensors = {
-            f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net_.state_dict().items()
-        }
-        tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in best.weights.items()})
-        osd = opt.state_dict()
-        for pid, st in osd["state"].items():
-            for k, v in st.items():
-                tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-        meta = {
-            "fingerprint": self._fingerprint_,
-            "phase": phase,
-            "loop": loop.state_dict(),
-            "param_groups": osd["param_groups"],
-        }
-        os.makedirs(self.work_dir, exist_ok=True)
-        # A fixed temporary name: the CLI's check of the work folder knows it (cli.WORK_FILES).
-        path = os.path.join(self.work_dir, CHECKPOINT)
-        save_file(tensors, path + ".tmp", metadata={"state": json.dumps(meta)})
-        os.replace(path + ".tmp", path)
-
-    def _read_checkpoint(self):
-        """(meta, tensors) of this run's checkpoint in ``work_dir``, or None."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        path = os.path.join(self.work_dir, CHECKPOINT) if self.work_dir else None
-        if not path or not os.path.isfile(path):
-            return None
-        restart = f"delete {self.work_dir} (or use --restart) to train from the start"
-        try:
-            with safe_open(path, "pt") as fh:
-                meta = json.loads(fh.metadata()["state"])
-            tensors = load_file(path)
-        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is reported, not fatal
-            raise StackvisionError(f"cannot read the checkpoint {path}: {exc}", restart) from None
-        if meta.get("fingerprint") != self._fingerprint_:
-            raise StackvisionError(
-                f"{self.work_dir} holds a checkpoint of a different training run "
-                "(other data or settings)",
-                "rerun with the same data and options to resume, or use --restart "
-                "(delete the work dir) to start over",
-            )
-        if "loop" not in meta:
-            raise StackvisionError(f"{path} was written by an older stackvision", restart)
-        return meta, tensors
-
     def _train(self, timgs, tyk, vimgs, vyk, tpaths, vpaths, on_epoch_end) -> None:
         """The phases, each a :class:`TrainingLoop` (fresh early stopping and LR plateau per
         phase; one history and one :class:`BestWeights` over both), resumed from a checkpoint."""
@@ -247,10 +157,11 @@ class FineTuneTraining:
             lambda: {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
             net.load_state_dict,
             min_delta=1e-6,
+            monitor=self._monitor(),
             weights={k: v.detach().clone() for k, v in net.state_dict().items()},
         )
         if self.lp_ is not None:  # fine-tuning must beat the probe to replace it
-            best.best = self.lp_["val_loss"]
+            best.best = self.lp_[self._monitor()]
         self.resumed_from_epoch_ = 0
         if resume is not None:
             meta, tensors = resume
@@ -306,9 +217,11 @@ class FineTuneTraining:
             lambda e: self._train_epoch(phase, e, opt, data),
             lambda e: self._validate(phase, data),
             [
-                ReduceLROnPlateau(opt, float(self.lr_factor), int(self.lr_patience)),
+                ReduceLROnPlateau(
+                    opt, float(self.lr_factor), int(self.lr_patience), monitor=self._monitor()
+                ),
                 best,
-                EarlyStopping(int(self.patience), min_delta=1e-4),
+                EarlyStopping(int(self.patience), min_delta=1e-4, monitor=self._monitor()),
                 Hook(checkpoint),
                 Hook(self._progress),
                 Hook(user_hook),
@@ -413,7 +326,16 @@ class FineTuneTraining:
             vloss = float(loss_fn(vlog, vy_t, n_classes).mean())
             vpred = (vlog[:, 0] > 0).long() if n_classes == 2 else vlog.argmax(1)
             vacc = float((vpred == vy_t).float().mean())
-        return {"val_loss": vloss, "val_accuracy": vacc}
+        out = {"val_loss": vloss, "val_accuracy": vacc}
+        if self._monitor() == "val_loss_cal":
+            out["val_loss_cal"] = calibrated_loss(logits_to_proba(vlog, n_classes), vyk)
+        return out
+
+    def _monitor(self) -> str:
+        """What early stopping, the LR plateau and the best weights watch: LP-FT compares
+        fine-tuned weights with the probe after each one's own best temperature (the model is
+        temperature-calibrated in the end; a raw loss would favour the cautious probe)."""
+        return "val_loss_cal" if self.head_init == "lp" else "val_loss"
 
     def _backbone_features(self, imgs: np.ndarray):
         torch = torch_module()
@@ -425,15 +347,6 @@ class FineTuneTraining:
                 for i in range(0, len(imgs), bs)
             ]
         return torch.cat(out).clone() if out else torch.zeros((0, self.net_.fc.in_features))
-
-
-def _optimizer_state(groups: list[dict], tensors: dict) -> dict:
-    state: dict = {}
-    for name, v in tensors.items():
-        if name.startswith("opt."):
-            _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = v
-    return {"state": state, "param_groups": groups}
 
 
 class _EpochData:

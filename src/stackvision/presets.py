@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import re
 
+from .backbones import DEFAULT_STACK
 from .errors import StackvisionError
 
 PRESETS: dict[str, dict] = {
     "fast": {"backbones": "lite0", "tta": "none"},
-    "default": {"backbones": "lite0,lite1,lite2", "tta": "flip"},
-    "best": {"backbones": "lite0,lite1,lite2", "tta": "flip"},
+    "default": {"backbones": ",".join(DEFAULT_STACK), "tta": "flip"},
+    "best": {"backbones": ",".join(DEFAULT_STACK), "tta": "flip"},
 }
 #: ``--preset best`` without ``--time-limit``
 BEST_DEFAULT_LIMIT = 3600.0

@@ -83,6 +83,7 @@ def add_arguments(t) -> None:
         help="with --preset best: the whole run's budget, e.g. 20m, 1h (default: 1h)",
     )
     opt.add_runtime_options(t)
+    t.set_defaults(backbones=None, tta=None)  # unset: the preset's, else the usual defaults
 
 
 def _head_param(text: str) -> tuple[str, object]:
@@ -194,8 +195,8 @@ def run(args) -> int:
 
 
 def _apply_preset(args) -> None:
-    """A preset's backbones and TTA, where the command line left the defaults."""
-    from ...backbones import DEFAULT_STACK
+    """A preset's backbones and TTA where the command line does not give them (no preset:
+    the default stack, flip)."""
     from ...presets import preset_settings
 
     if args.time_limit and args.preset != "best":
@@ -203,14 +204,11 @@ def _apply_preset(args) -> None:
             "--time-limit budgets --preset best (a plain stack is not cut short)",
             "add --preset best, or drop --time-limit",
         )
-    if args.preset:
-        if args.from_shards:
-            raise StackvisionError("--preset needs images (not --from-shards)", "drop --preset")
-        preset = preset_settings(args.preset)
-        if args.backbones == ",".join(DEFAULT_STACK):
-            args.backbones = preset["backbones"]
-        if args.tta == "flip":
-            args.tta = preset["tta"]
+    if args.preset and args.from_shards:
+        raise StackvisionError("--preset needs images (not --from-shards)", "drop --preset")
+    preset = preset_settings(args.preset or "default")
+    args.backbones = args.backbones or preset["backbones"]
+    args.tta = args.tta or preset["tta"]
 
 
 def _run_shards(args) -> int:
