@@ -70,8 +70,10 @@ def test_best_builds_a_normal_ensemble_within_the_limit(
     # the budget: the whole command within the limit, give or take one epoch and the saving
     assert steps["time_limit_s"] == 150 and steps["elapsed_s"] <= 150 * 1.25
     names = [s["step"] for s in steps["steps"]]
-    assert "+ LP-FT lite0" in names
-    ft = steps["steps"][names.index("+ LP-FT lite0")]
+    # lite0 at its own size, or at 160 px when that does not fit the budget on a busy machine
+    ft = next(
+        s for s in steps["steps"] if s["step"].startswith("+ LP-FT lite0") and "accuracy" in s
+    )
     h = steps["steps"][names.index("stack, on H")]
     assert ft["scored on"] == h["scored on"] == "H" and ft["n_images"] == h["n_images"]
     assert "gain_log_loss" in ft

@@ -35,8 +35,9 @@ FT_RECIPE = {
     "patience": 2,
     "batch_size": 32,
 }
-#: backbones fine-tuned in this order while time is left
-FT_BACKBONES = ("lite0", "lite1")
+#: (backbone, input size or None for its own) fine-tuned in this order while time is left; a
+#: smaller input is the fallback when the backbone's own does not fit (about half the cost)
+FT_MEMBERS = (("lite0", None), ("lite0", 160), ("lite1", None))
 MIN_EPOCHS = 1
 #: seconds kept for the ensemble and writing the model (plus 2% of the limit)
 RESERVE_S = 20.0
@@ -66,16 +67,20 @@ class BestResult:
 
 
 def _speed(backbone: str, weights, input_size: int | None, batch: int = 8) -> tuple[float, float]:
-    """(training, inference) images per second of fine-tuning ``backbone`` on this machine,
-    measured on one random batch (after one warm-up)."""
+    """(training, inference) images per second of fine-tuning ``backbone`` with the recipe's
+    top blocks learning, on this machine now, measured on one random batch (after a warm-up)."""
     import torch
 
     from .backbones import build_model, resolve
-    from .finetune_net import build_net
+    from .finetune_net import backbone_blocks, build_net
 
     spec = resolve(backbone, weights)
     size = input_size or spec.preprocess.input_size
     net = build_net(build_model(spec), 10, 0.0)
+    blocks, tail = backbone_blocks(net.backbone)
+    net.backbone.requires_grad_(False)
+    for m in blocks[-int(FT_RECIPE["unfreeze"]) :] + tail:
+        m.requires_grad_(True)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     rates = []
     for train in (True, False):
@@ -138,30 +143,33 @@ def fit_best(
     steps.append(Step("stack, on H", 0.0, on_h, classification_metrics(h_y, oproba[hold], classes),
                       "out-of-fold rows of H"))  # fmt: skip
     members, P = [stack], [oproba[hold]]
-    for bb in FT_BACKBONES:
+    for bb, size in FT_MEMBERS:
+        if any(m.spec_.name == bb for m in members[1:]):
+            continue  # this backbone is a member already (at another size)
+        bb_name = bb + (f"@{size}px" if size else "")
         left = end - time.monotonic() - reserve
         t0 = time.monotonic()
         if left <= 0:
-            steps.append(Step(f"+ LP-FT {bb}", 0.0, "-", None, "skipped: no time left"))
+            steps.append(Step(f"+ LP-FT {bb_name}", 0.0, "-", None, "skipped: no time left"))
             continue
-        train_ips, infer_ips = _speed(bb, weights, None)
+        train_ips, infer_ips = _speed(bb, weights, size)
         n_t, n_h = len(t_paths), len(h_paths)
         predict = (2 * n_h + 2 * 0.15 * n_t) / infer_ips  # H and the member's own calibration
         need = n_t / infer_ips + MIN_EPOCHS * (0.85 * n_t / train_ips) + predict
         need += time.monotonic() - t0
         if need > left:
-            steps.append(Step(f"+ LP-FT {bb}", time.monotonic() - t0, "-", None,
+            steps.append(Step(f"+ LP-FT {bb_name}", time.monotonic() - t0, "-", None,
                               f"skipped: needs ~{need:.0f} s, {max(left, 0):.0f} s left"))  # fmt: skip
             continue
-        say(f"fine-tuning {bb} (LP-FT) on {n_t} images, up to {left - predict:.0f} s ...")
+        say(f"fine-tuning {bb_name} (LP-FT) on {n_t} images, up to {left - predict:.0f} s ...")
         ft = FineTunedClassifier(
             bb, **FT_RECIPE, time_limit=max(left - predict - (time.monotonic() - t0), 1.0),
-            weights=weights, seed=seed, runtime=runtime,
+            input_size=size, weights=weights, seed=seed, runtime=runtime,
         )  # fmt: skip
         ft.fit(t_paths, t_labels)
         pred = ft.predict_paths(h_paths)
         if len(pred.paths) != len(h_paths):  # a member must score every row of H
-            steps.append(Step(f"+ LP-FT {bb}", time.monotonic() - t0, "-", None,
+            steps.append(Step(f"+ LP-FT {bb_name}", time.monotonic() - t0, "-", None,
                               "left out: could not read every hold-out image"))  # fmt: skip
             continue
         cols = [list(ft.classes_).index(c) for c in classes]
@@ -170,7 +178,7 @@ def fit_best(
         note = f"{len(ft.history_)} epoch(s), best {ft.best_epoch_}" + (
             ", stopped by the time limit" if ft.deadline_.hit else ""
         )
-        steps.append(Step(f"+ LP-FT {bb}", time.monotonic() - t0, on_h,
+        steps.append(Step(f"+ LP-FT {bb_name}", time.monotonic() - t0, on_h,
                           classification_metrics(h_y, P[-1], classes), note))  # fmt: skip
 
     protocol = (
@@ -195,7 +203,9 @@ def fit_best(
     ens = EnsembleClassifier(members, method="best", folds=5, seed=seed, runtime=runtime)
     ens._validate_params()
     ens._load_members()
-    ens.member_names_ = ["stack"] + [f"ft-{m.spec_.name}" for m in members[1:]]
+    ens.member_names_ = ["stack"] + [
+        f"ft-{m.spec_.name}-{m.preprocess_.input_size}px" for m in members[1:]
+    ]
     fit_combiners(ens, h_paths, as_array(P), h_y, content_groups(h_paths))
     ens.problems_, ens.manifest_ = list(stack.problems_), None
     ens.metrics_["protocol"] = protocol

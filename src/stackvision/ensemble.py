@@ -91,6 +91,7 @@ class EnsembleClassifier(ModelBase):
     }
     _parameter_fixes = {"folds": "e.g. 5", "members": "pass two or more model directories"}
     metrics_: dict | None = None
+    selection_ = None  # method "best": what it chose (ensemble_combiners.Selection)
 
     def __init__(
         self,
@@ -310,7 +311,7 @@ class EnsembleClassifier(ModelBase):
                 if self.fitted_.get("calibrated") is not None
                 else None
             ),  # fmt: skip
-            "selection": self.selection_.record() if getattr(self, "selection_", None) else None,
+            "selection": self.selection_.record() if self.selection_ else None,
             "folds": self.folds,
             "seed": self.seed,
             "metrics": summary_row(self.metrics_) if self.metrics_ else None,

@@ -113,6 +113,8 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
         "time_limit": "seconds, e.g. 600",
     }
     metrics_: dict | None = None
+    lp_: dict | None = None  # LP-FT: the probe's validation numbers
+    deadline_: Deadline | None = None
 
     def __init__(
         self,

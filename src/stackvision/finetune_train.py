@@ -81,10 +81,10 @@ class FineTuneTraining(FineTuneCheckpoints):
             "n_images": int(len(self.train_y_)),
             "per_class": dict(sorted(counts.items())),
             "n_problems": len(self.problems_),
-            **{k: getattr(self, k) for k in RECIPES},
-            "linear_probe": getattr(self, "lp_", None),
+            **{k: v for k, v in self.get_params(deep=False).items() if k in RECIPES},
+            "linear_probe": self.lp_,
             "time_limit": self.time_limit,
-            "stopped_by_time_limit": bool(getattr(self, "deadline_", None) and self.deadline_.hit),
+            "stopped_by_time_limit": bool(self.deadline_ and self.deadline_.hit),
         }
 
     def _set_trainable(self, phase: str) -> list:
