@@ -129,3 +129,27 @@ def test_ensemble_cli_new_methods(stack_dir, ft_dir, heldout, cache_dir, tmp_pat
     np.testing.assert_allclose(
         proba, apply_method(ens.method_, P, ens.fitted_[ens.method_]), atol=1e-6
     )
+
+
+def test_damaged_calibrated_tensors_are_refused(stack_dir, ft_dir, heldout, cache_dir, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from stackvision.errors import StackvisionError
+
+    out = tmp_path / "ens"
+    args = ["ensemble", str(stack_dir), str(ft_dir), "--data", str(heldout), "--out", str(out)]
+    assert main([*args, "--method", "calibrated", "--cache", cache_dir, "-q"]) == 0
+    for name, value, message in [
+        ("calibrated.t", np.array([1.0, -1.0], np.float32), "temperatures > 0"),
+        ("calibrated.w", np.ones(3, np.float32), "tensor 'calibrated.w' has shape (3,)"),
+    ]:
+        bad = tmp_path / f"bad-{name}"
+        shutil.copytree(out, bad)
+        path = bad / "weights.safetensors"
+        t = dict(load_file(str(path)))
+        t[name] = value
+        save_file(t, str(path))
+        with pytest.raises(StackvisionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_model(str(bad), cache_dir=cache_dir, device="cpu")
