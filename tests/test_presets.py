@@ -114,3 +114,15 @@ def test_unknown_preset_is_refused(flowers_small, tmp_path, capsys):
         main(["train", str(flowers_small), "--out", str(tmp_path / "m"), "--preset", "turbo"])
     assert exc.value.code == 2
     assert "invalid choice: 'turbo'" in capsys.readouterr().err
+
+
+def test_best_with_too_few_images_for_a_hold_out_is_the_stack(cache_dir, tmp_path, capsys):
+    from .conftest import FLOWER_CLASSES, FLOWERS, make_slice
+
+    data = make_slice(tmp_path / "five", FLOWERS, FLOWER_CLASSES, 5)  # H would hold 1 a class
+    out = tmp_path / "best"
+    args = ["--preset", "best", "--time-limit", "10m", "--backbones", "lite0", "-q"]
+    assert _train(data, out, cache_dir, *args) == 0
+    assert json.loads((out / "manifest.json").read_text())["kind"] == "stack"
+    notes = [s["note"] for s in json.loads((out / "steps.json").read_text())["steps"]]
+    assert any("too few images per class" in n for n in notes)

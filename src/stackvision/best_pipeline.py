@@ -24,6 +24,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .metrics import classification_metrics, summary_row
 
 #: the fine-tuning recipe of the members (see docs/finetune.md and BENCHMARKS.md)
@@ -145,7 +147,9 @@ def fit_best(
     steps.append(Step("stack, on H", 0.0, on_h, classification_metrics(h_y, oproba[hold], classes),
                       "out-of-fold rows of H"))  # fmt: skip
     members, P = [stack], [oproba[hold]]
-    for bb, size in FT_MEMBERS:
+    counts = np.bincount(h_y, minlength=len(classes))
+    # the combiners are fitted and scored k-fold on H: at least 2 images of every class there
+    for bb, size in FT_MEMBERS if counts.min() >= 2 else ():
         if any(m.spec_.name == bb for m in members[1:]):
             continue  # this backbone is a member already (at another size)
         bb_name = bb + (f"@{size}px" if size else "")
@@ -183,6 +187,9 @@ def fit_best(
         steps.append(Step(f"+ LP-FT {bb_name}", time.monotonic() - t0, on_h,
                           classification_metrics(h_y, P[-1], classes), note))  # fmt: skip
 
+    if counts.min() < 2:
+        steps.append(Step("+ LP-FT members", 0.0, "-", None,
+                          "skipped: too few images per class for a hold-out (fewer than 10)"))  # fmt: skip
     protocol = (
         f"Protocol: the stack was scored out-of-fold ({stack.folds}-fold) on all training images. "
         f"A stratified hold-out H of {len(h_paths)} training images (seed {seed}) was set aside; "
