@@ -300,7 +300,8 @@ def test_the_contract_is_called_directly():
     import importlib
 
     names = ["base", "classifier", "ensemble", "ensemble_methods", "export", "finetune",
-             "finetune_net", "finetune_train", "models", "compare"]  # fmt: skip
+             "finetune_net", "finetune_train", "models", "compare", "ensemble_combiners",
+             "finetune_recipes", "finetune_checkpoint", "finetune_load", "best_pipeline"]  # fmt: skip
     for mod in [importlib.import_module(f"stackvision.{n}") for n in names]:
         src = inspect.getsource(mod)
         assert "hasattr(" not in src, mod.__name__

@@ -98,7 +98,7 @@ def test_weights_and_stacked_combiner_on_synthetic_probabilities():
 def test_ensemble_table_and_directory(ens_dir, members):
     manifest = json.loads((ens_dir / "manifest.json").read_text())
     assert manifest["kind"] == "ensemble" and manifest["format_version"] == 1
-    assert manifest["method"] in ("mean", "weighted", "stacked")
+    assert manifest["method"] in ("mean", "weighted", "calibrated", "stacked")
     assert [m["kind"] for m in manifest["members"]] == ["stack", "finetune"]
     for m in manifest["members"]:  # self-contained: members copied inside
         assert (ens_dir / m["dir"] / "manifest.json").is_file()
@@ -109,10 +109,11 @@ def test_ensemble_table_and_directory(ens_dir, members):
         "ft0",
         "ensemble:mean",
         "ensemble:weighted",
+        "ensemble:calibrated",
         "ensemble:stacked",
     ]
     assert all(r["n_images"] == 24 for r in table)  # every row on the same held-out images
-    assert "out-of-fold" in table[3]["scored"] and "out-of-fold" in table[4]["scored"]
+    assert all("out-of-fold" in r["scored"] for r in table[3:])
     kept = min(table[2:], key=lambda r: r["log_loss"])
     assert f"ensemble:{manifest['method']}" == kept["model"]
     assert (ens_dir / "report" / "report.html").is_file()

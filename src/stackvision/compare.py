@@ -1,4 +1,5 @@
-"""``train --compare``: what stacking, folds and flips each bought, on the same splits."""
+"""``train --compare``: what stacking, folds and flips each bought, on the same splits; and
+``train --preset best``'s "what each step bought" table (:func:`steps_table`)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,23 @@ def compare_table(model) -> list[dict]:
                     }
             rows.append(row)
     return rows
+
+
+STEP_COLS = ("step", "seconds", "scored on", "n_images", "accuracy", "log_loss", "gain_accuracy",
+             "gain_log_loss", "note")  # fmt: skip
+
+
+def steps_table(rows: list[dict]) -> list[dict]:
+    """Rows of the pipeline's steps (``step``, ``seconds``, ``scored on``, metrics, ``note``)
+    with what each bought: ``gain_accuracy`` / ``gain_log_loss`` (negative is better) against
+    the first row scored on the same images (the stack there)."""
+    first: dict[str, dict] = {}
+    out = []
+    for r in rows:
+        r = dict(r)
+        base = first.setdefault(r["scored on"], r) if "accuracy" in r else None
+        if base is not None and base is not r:
+            r["gain_accuracy"] = r["accuracy"] - base["accuracy"]
+            r["gain_log_loss"] = r["log_loss"] - base["log_loss"]
+        out.append(r)
+    return out

@@ -6,9 +6,15 @@ Methods, all working on the members' class probabilities for the same images:
 * ``mean``: the average of the members' probabilities (nothing is fitted).
 * ``weighted``: a weighted average, weights ``softmax(a)`` (positive, summing to one) fitted with
   L-BFGS to minimise the log loss.
+* ``calibrated``: member weights plus one temperature per member, fitted jointly (2K numbers, so
+  it does not overfit with many classes).
 * ``stacked``: a learned combiner: the members' log-probabilities concatenated -> one dense layer
   -> softmax (a multinomial logistic regression on standardised inputs, L2 strength chosen by an
   inner 3-fold CV).
+
+``best`` picks, by out-of-fold log loss, among each member alone and the combiners
+(:mod:`.ensemble_combiners`): never below the best member on those rows. ``all`` fits every
+combiner and keeps the one with the lowest out-of-fold log loss.
 
 The combiners are fitted on ``fit``'s data, which must be images the members were **not** trained
 on (a held-out split): on their own training images members are over-confident and a combiner
@@ -32,6 +38,7 @@ import numpy as np
 
 from . import __version__
 from .base import ModelBase, Predictions, largest_input
+from .ensemble_combiners import BEST, combiner_tensors, combiners_from_tensors, fit_combiners
 from .ensemble_methods import (
     METHODS,
     apply_method,
@@ -40,13 +47,11 @@ from .ensemble_methods import (
     combine_stacked,
     combine_weighted,
     ensemble_module,
-    fit_method,
     fit_stacked,
     fit_weights,
 )
 from .errors import StackvisionError
-from .heads import LogRegHead
-from .metrics import classification_metrics, log_loss, summary_row
+from .metrics import summary_row
 from .model_dir import read_manifest, read_tensors
 from .params import Interval, InvalidParameter, Options
 from .preprocess import Preprocess
@@ -78,7 +83,7 @@ class EnsembleClassifier(ModelBase):
     _fitted_attribute = "method_"
     _parameter_constraints = {
         "members": [list, tuple],
-        "method": [Options([*METHODS, "all"])],
+        "method": [Options([*METHODS, "all", BEST])],
         "folds": [Interval(numbers.Integral, 2, None)],
         "seed": [Interval(numbers.Integral, 0, None)],
         "weights": [dict, None],
@@ -86,6 +91,7 @@ class EnsembleClassifier(ModelBase):
     }
     _parameter_fixes = {"folds": "e.g. 5", "members": "pass two or more model directories"}
     metrics_: dict | None = None
+    selection_ = None  # method "best": what it chose (ensemble_combiners.Selection)
 
     def __init__(
         self,
@@ -190,66 +196,12 @@ class EnsembleClassifier(ModelBase):
         index = {c: i for i, c in enumerate(self.classes_)}
         paths, P, problems = self._member_probas(X)
         yk = np.asarray([index[label_of[p]] for p in paths], np.int64)
-        counts = np.bincount(yk, minlength=len(self.classes_))
-        folds = int(min(self.folds, counts[counts > 0].min()))
-        if folds < 2:
-            raise StackvisionError(
-                "too few held-out images per class to fit and score the combiners",
-                "give --data at least 2 images of every class (better: 20 or more)",
-            )
         self.problems_ = problems
         from .duplicates import content_groups
-        from .validation import fold_scores, kfold_splits
 
         # identical files in one fold: the combiners' out-of-fold scores stay honest
-        splits = kfold_splits(yk, folds, self.seed, content_groups(paths))
-        methods = list(METHODS) if self.method == "all" else [self.method]
-        rows, oof = [], {}
-        for name, Pk in zip(self.member_names_, P):
-            m = classification_metrics(yk, Pk, self.classes_)
-            rows.append(
-                {
-                    "model": name,
-                    "kind": self.members_[len(rows)].kind,
-                    "scored": "directly",
-                    **summary_row(m),
-                }
-            )
-        for method in methods:
-            if method == "mean":
-                proba = combine_mean(P)
-                how = "directly (nothing fitted)"
-            else:
-                proba = np.zeros((len(yk), len(self.classes_)))
-                for fi, (tr, va) in enumerate(splits):
-                    fitted = fit_method(
-                        method, P[:, tr], yk[tr], len(self.classes_), self.seed + fi
-                    )
-                    proba[va] = apply_method(method, P[:, va], fitted)
-                how = f"{folds}-fold out-of-fold"
-            oof[method] = proba
-            m = classification_metrics(yk, proba, self.classes_)
-            rows.append(
-                {"model": f"ensemble:{method}", "kind": "ensemble", "scored": how, **summary_row(m)}
-            )
-        chosen = (
-            min(methods, key=lambda k: log_loss(yk, oof[k]))
-            if self.method == "all"
-            else self.method
-        )
-        self.fitted_ = {k: fit_method(k, P, yk, len(self.classes_), self.seed) for k in methods}
-        self.table_ = rows
-        self.eval_ = (paths, yk, oof[chosen])
-        self.metrics_ = {
-            "validation": f"ensemble '{chosen}' on the held-out data "
-            + ("(directly)" if chosen == "mean" else f"({folds}-fold out-of-fold)"),
-            **classification_metrics(yk, oof[chosen], self.classes_),
-            "table": rows,
-        }
-        if chosen != "mean":  # fitted per fold: the report shows the spread across folds
-            self.metrics_["folds"] = fold_scores(yk, oof[chosen], splits)
+        fit_combiners(self, paths, P, yk, content_groups(paths))
         self.manifest_ = None
-        self.method_ = chosen
         return self
 
     # ------------------------------------------------------------------ predict
@@ -351,6 +303,15 @@ class EnsembleClassifier(ModelBase):
                 if "stacked" in self.fitted_
                 else None
             ),
+            "calibrated": (
+                {
+                    "weights": [float(v) for v in self.fitted_["calibrated"][0]],
+                    "temperatures": [float(v) for v in self.fitted_["calibrated"][1]],
+                }
+                if self.fitted_.get("calibrated") is not None
+                else None
+            ),  # fmt: skip
+            "selection": self.selection_.record() if self.selection_ else None,
             "folds": self.folds,
             "seed": self.seed,
             "metrics": summary_row(self.metrics_) if self.metrics_ else None,
@@ -368,14 +329,7 @@ class EnsembleClassifier(ModelBase):
                     "dir": f"members/{i:02d}-{name}",
                 }
             )
-        tensors: dict[str, np.ndarray] = {}
-        if self.weights_ is not None:
-            tensors["weighted.w"] = np.asarray(self.weights_, np.float32)
-        if "stacked" in self.fitted_:
-            for k, v in self.fitted_["stacked"].state().items():
-                tensors[f"stacked.{k}"] = np.asarray(v, np.float32)
-        if not tensors:
-            tensors["mean.placeholder"] = np.zeros(1, np.float32)  # safetensors needs one array
+        tensors = combiner_tensors(self.fitted_)
 
         def add(tmp):
             for entry, src, m in zip(entries, self.member_dirs_, self.members_):
@@ -433,13 +387,8 @@ class EnsembleClassifier(ModelBase):
         model.member_dirs_, model.member_names_ = dirs, [e["name"] for e in manifest["members"]]
         model.classes_ = list(manifest["classes"])
         model._set_columns()
-        model.fitted_ = {"mean": None}
-        if "weighted.w" in tensors:
-            model.fitted_["weighted"] = tensors["weighted.w"].astype(np.float64)
-        state = {k[len("stacked.") :]: v for k, v in tensors.items() if k.startswith("stacked.")}
-        if state:
-            C = (manifest.get("stacked") or {}).get("C", 1.0)
-            model.fitted_["stacked"] = LogRegHead(C=C, max_iter=500).load_state(state)
+        model.fitted_ = combiners_from_tensors(tensors, manifest)
+        model.selection_ = None
         model.manifest_ = manifest
         model.metrics_, model.eval_, model.problems_, model.table_ = None, None, [], []
         model.method_ = manifest["method"]

@@ -1,7 +1,10 @@
 """The ensemble's combiners: ``mean``, ``weighted`` (softmax-parametrised member weights fitted
-by L-BFGS on log loss) and ``stacked`` (a multinomial logistic regression on the members'
-concatenated log-probabilities), on (K members, N images, C classes) probability arrays; and the
-same combination as one torch module for export. See :mod:`stackvision.ensemble`.
+by L-BFGS on log loss), ``calibrated`` (the same weights plus one temperature per member, fitted
+jointly: ``sum_k w_k softmax(log p_k / T_k)``; 2K numbers whatever the number of classes, so it
+does not overfit with many classes) and ``stacked`` (a multinomial logistic regression on the
+members' concatenated log-probabilities), on (K members, N images, C classes) probability
+arrays; and the same combination as one torch module for export. See :mod:`stackvision.ensemble`
+(and :mod:`stackvision.ensemble_combiners` for ``best``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numpy as np
 from .heads import LogRegHead, softmax
 from .metrics import log_loss
 
-METHODS = ("mean", "weighted", "stacked")
+METHODS = ("mean", "weighted", "calibrated", "stacked")
 STACKED_C_GRID = (0.01, 0.1, 1.0)
 _EPS = 1e-6
 
@@ -49,6 +52,46 @@ def fit_weights(P: np.ndarray, y: np.ndarray) -> np.ndarray:
 
     r = minimize(f, np.zeros(K), jac=True, method="L-BFGS-B")
     return softmax(r.x[None])[0]
+
+
+def _tempered(P, t):
+    """Each member's probabilities at temperature ``t`` (K,): softmax(log p / t), torch."""
+    import torch
+
+    return torch.softmax(torch.log(torch.clamp(P, min=1e-12)) / t.view(-1, 1, 1), dim=2)
+
+
+def fit_calibrated(P: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(member weights (K,), member temperatures (K,)) minimising the log loss of
+    ``sum_k w_k softmax(log P_k / T_k)`` (weights softmax-, temperatures log-parametrised;
+    temperatures kept in [0.05, 20]). L-BFGS from equal weights and T = 1."""
+    import torch
+
+    Pt = torch.as_tensor(np.asarray(P, np.float64))
+    yt = torch.as_tensor(np.asarray(y, np.int64))
+    a = torch.zeros(P.shape[0], dtype=torch.float64, requires_grad=True)
+    lt = torch.zeros(P.shape[0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([a, lt], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        t = torch.exp(torch.clamp(lt, np.log(0.05), np.log(20.0)))
+        mix = torch.einsum("k,knc->nc", torch.softmax(a, 0), _tempered(Pt, t))
+        loss = -torch.log(torch.clamp(mix[torch.arange(len(yt)), yt], min=1e-15)).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = torch.exp(torch.clamp(lt, np.log(0.05), np.log(20.0)))
+    return torch.softmax(a, 0).detach().numpy(), t.detach().numpy()
+
+
+def combine_calibrated(P: np.ndarray, fitted) -> np.ndarray:
+    import torch
+
+    w, t = (torch.as_tensor(np.asarray(v, np.float64)) for v in fitted)
+    mix = torch.einsum("k,knc->nc", w, _tempered(torch.as_tensor(np.asarray(P, np.float64)), t))
+    return mix.numpy()
 
 
 def _stack_inputs(P: np.ndarray) -> np.ndarray:
@@ -87,6 +130,8 @@ def fit_method(method: str, P: np.ndarray, y: np.ndarray, n_classes: int, seed: 
         return None
     if method == "weighted":
         return fit_weights(P, y)
+    if method == "calibrated":
+        return fit_calibrated(P, y)
     return fit_stacked(P, y, n_classes, seed)
 
 
@@ -96,6 +141,8 @@ def apply_method(method: str, P: np.ndarray, fitted) -> np.ndarray:
         return combine_mean(P)
     if method == "weighted":
         return combine_weighted(P, fitted)
+    if method == "calibrated":
+        return combine_calibrated(P, fitted)
     return combine_stacked(P, fitted)
 
 
@@ -114,6 +161,9 @@ def ensemble_module(subs, columns, method: str, fitted):
                 self.register_buffer(f"cols{k}", torch.as_tensor(c, dtype=torch.long))
             if method == "weighted":
                 self.register_buffer("w", torch.as_tensor(fitted, dtype=torch.float32))
+            if method == "calibrated":
+                self.register_buffer("w", torch.as_tensor(fitted[0], dtype=torch.float32))
+                self.register_buffer("t", torch.as_tensor(fitted[1], dtype=torch.float32))
             if method == "stacked":
                 self.register_buffer("mean", torch.as_tensor(fitted.mean_))
                 self.register_buffer("scale", torch.as_tensor(fitted.scale_))
@@ -131,6 +181,8 @@ def ensemble_module(subs, columns, method: str, fitted):
                 return P.mean(0)
             if method == "weighted":
                 return (self.w.view(-1, 1, 1) * P).sum(0)
+            if method == "calibrated":
+                return (self.w.view(-1, 1, 1) * _tempered(P, self.t)).sum(0)
             z = torch.log(torch.clamp(P, _EPS, 1.0)).permute(1, 0, 2).flatten(1)
             return torch.softmax(((z - self.mean) / self.scale) @ self.W.T + self.b, dim=1)
 

@@ -8,8 +8,13 @@ learns at ``lr``), then a ``finetune`` phase (the top ``unfreeze`` blocks, or ``
 at ``finetune_lr``) on a stratified hold-out (or ``val``) used for early stopping; checkpoints in
 ``work_dir`` let an interrupted fit resume.
 
-Modules: this one (the estimator: parameters, fit, predictions, save/load), :mod:`.finetune_net`
-(images, network, export module), :mod:`.finetune_train` (phases, epoch loop, checkpoints).
+Recipes (:mod:`.finetune_recipes`): ``head_init="lp"`` (LP-FT: the head starts as the logistic
+regression fitted on the frozen features, replacing the head phase), ``lr_decay`` (layer-wise),
+``ema`` (average of the weights), ``mixup``, ``time_limit`` (stop cleanly, best weights kept).
+
+Modules: this one (the estimator: parameters, fit, predictions, save), :mod:`.finetune_net`
+(images, network, export module), :mod:`.finetune_train` (phases, epoch loop, checkpoints),
+:mod:`.finetune_recipes`, :mod:`.finetune_load` (reading a model directory).
 
 Prediction averages the original and the horizontally flipped image (flip TTA) and applies a
 temperature fitted on the validation predictions, like the feature-stack models.
@@ -36,13 +41,12 @@ from .finetune_net import (
     build_net,
     exact_fp32,
     export_module,
-    load_net,
     logits_to_proba,
     torch_module,
 )
-from .finetune_train import CHECKPOINT, FineTuneTraining
+from .finetune_recipes import Deadline
+from .finetune_train import CHECKPOINT, HEAD_INITS, FineTuneTraining
 from .metrics import classification_metrics, summary_row
-from .model_dir import read_manifest, read_tensors
 from .params import Interval, InvalidParameter, Options
 from .preprocess import Preprocess
 from .runtime import Runtime
@@ -90,6 +94,12 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
         "work_dir": [str, os.PathLike, None],
         "batch_size": [Interval(numbers.Integral, 1, None)],
         "seed": [Interval(numbers.Integral, 0, None)],
+        "head_init": [Options(HEAD_INITS)],
+        "lp_C": [_RATE],
+        "lr_decay": [Interval(numbers.Real, 0, 1, "right")],
+        "ema": [Interval(numbers.Real, 0, 1, "left")],
+        "mixup": [Interval(numbers.Real, 0, None)],
+        "time_limit": [_RATE, None],
         "runtime": [Runtime, None],
     }
     _parameter_fixes = {
@@ -97,8 +107,14 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
         "input_size": "e.g. 160, or None for the backbone's own size",
         "val_split": "e.g. 0.15",
         "lr": "e.g. 0.001",
+        "lr_decay": "e.g. 0.7 (1: no decay)",
+        "ema": "e.g. 0.99 (0: off)",
+        "mixup": "e.g. 0.2 (0: off)",
+        "time_limit": "seconds, e.g. 600",
     }
     metrics_: dict | None = None
+    lp_: dict | None = None  # LP-FT: the probe's validation numbers
+    deadline_: Deadline | None = None
 
     def __init__(
         self,
@@ -125,6 +141,12 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
         work_dir: str | None = None,
         batch_size: int = 32,
         seed: int = 0,
+        head_init: str = "random",
+        lp_C: float = 0.05,
+        lr_decay: float = 1.0,
+        ema: float = 0.0,
+        mixup: float = 0.0,
+        time_limit: float | None = None,
         runtime: Runtime | None = None,
     ):
         self.backbone = backbone
@@ -149,11 +171,13 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
         self.work_dir = work_dir
         self.batch_size = batch_size
         self.seed = seed
+        self.head_init, self.lp_C, self.lr_decay = head_init, lp_C, lr_decay
+        self.ema, self.mixup, self.time_limit = ema, mixup, time_limit
         self.runtime = runtime
 
     # ------------------------------------------------------------------ parameters
     def _check_params(self) -> None:
-        if self.epochs + self.head_epochs < 1:
+        if self.epochs + self.head_epochs < 1 and self.head_init != "lp":
             raise InvalidParameter(
                 "epochs", self.epochs, "at least 1 when head_epochs is 0", "e.g. epochs=5",
                 type(self).__name__,
@@ -228,6 +252,7 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
         """
         torch = torch_module()
         self._validate_params()
+        self.deadline_ = Deadline(self.time_limit)  # counts from here: decoding included
         X, y = self._labelled(X, y)
         check_trainable(y)
         self.augment_ = self._augment()
@@ -399,50 +424,6 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
         """Load a ``finetune`` model directory, to run with ``runtime`` (device, workers,
         prediction batch size, strict). Every weight is in the directory: ``weights`` is not
         needed (accepted like every kind's ``load``)."""
-        manifest = read_manifest(path)
-        tensors = read_tensors(path, manifest)  # validated before the slow imports
-        if manifest.get("kind") != cls.kind:
-            raise StackvisionError(
-                f"{path} holds a '{manifest.get('kind', 'stack')}' model, not a fine-tuned one",
-                "use stackvision.load_model()",
-            )
-        bb, training = manifest["backbone"], manifest.get("training", {})
-        pp = Preprocess.from_dict(manifest["preprocess"])
-        bb_pp = Preprocess.from_dict(bb["preprocess"])
-        kept = ("epochs", "head_epochs", "unfreeze", "lr", "weight_decay", "label_smoothing")
-        kept = {k: training[k] for k in (*kept, "batch_size") if k in training}
-        if "lr" in kept and training.get("finetune_lr") != kept["lr"] / 10:
-            kept["finetune_lr"] = training["finetune_lr"]
-        model = cls(
-            bb["name"],
-            **kept,
-            augment=Augment.from_dict(training.get("augment")),
-            tta=manifest["tta"],
-            pool=bb["pool"],
-            dropout=manifest["head"]["dropout"],
-            input_size=None if pp.input_size == bb_pp.input_size else pp.input_size,
-            seed=manifest.get("seed", 0),
-            runtime=runtime,
-        )
-        model.classes_ = list(manifest["classes"])
-        model.preprocess_ = pp
-        model.spec_ = BackboneSpec(
-            name=bb["name"],
-            architecture=bb["architecture"],
-            source=bb["source"],
-            preprocess=bb_pp,
-            feature_dim=bb["feature_dim"],
-        )
-        net = load_net(
-            bb["architecture"], bb["pool"], len(model.classes_), manifest["head"]["dropout"],
-            tensors, path,
-        )  # fmt: skip
-        model.net_ = net
-        model.manifest_ = manifest
-        model.metrics_, model.eval_, model.problems_ = None, None, []
-        model.history_ = []
-        model.best_epoch_ = training.get("best_epoch")
-        model.augment_ = model.augment
-        model._setup_runtime()
-        model.temperature_ = float(manifest.get("temperature", 1.0))
-        return model
+        from .finetune_load import load_finetuned
+
+        return load_finetuned(cls, path, runtime)

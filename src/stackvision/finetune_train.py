@@ -14,9 +14,6 @@ trains the same as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections import Counter
 
 import numpy as np
@@ -24,15 +21,18 @@ import numpy as np
 from .data import check_trainable
 from .duplicates import content_groups
 from .errors import StackvisionError
-from .finetune_net import backbone_blocks, exact_fp32, is_batchnorm, torch_module
+from .finetune_checkpoint import CHECKPOINT, RECIPES, FineTuneCheckpoints, _optimizer_state
+from .finetune_net import backbone_blocks, exact_fp32, is_batchnorm, logits_to_proba, torch_module
 from .finetune_net import loss as loss_fn
+from .finetune_recipes import WeightEMA, calibrated_loss, decayed_groups, lp_init, mixup
 from .training import BestWeights, EarlyStopping, Hook, ReduceLROnPlateau, TrainingLoop
 from .validation import holdout_split
 
-CHECKPOINT = "checkpoint.safetensors"
+HEAD_INITS = ("random", "lp")
+__all__ = ["CHECKPOINT", "HEAD_INITS", "FineTuneTraining"]
 
 
-class FineTuneTraining:
+class FineTuneTraining(FineTuneCheckpoints):
     """The training half of :class:`~stackvision.finetune.FineTunedClassifier` (a mixin: it
     reads the estimator's parameters and fitted ``net_``, ``device_``, ``augment_``...)."""
 
@@ -81,6 +81,10 @@ class FineTuneTraining:
             "n_images": int(len(self.train_y_)),
             "per_class": dict(sorted(counts.items())),
             "n_problems": len(self.problems_),
+            **{k: v for k, v in self.get_params(deep=False).items() if k in RECIPES},
+            "linear_probe": self.lp_,
+            "time_limit": self.time_limit,
+            "stopped_by_time_limit": bool(self.deadline_ and self.deadline_.hit),
         }
 
     def _set_trainable(self, phase: str) -> list:
@@ -129,94 +133,11 @@ class FineTuneTraining:
         else:
             lr = float(self.finetune_lr or self.lr / 10)
             groups = [{"params": list(self.net_.fc.parameters()), "lr": lr}]
-            if backbone_params:
+            if backbone_params and float(self.lr_decay) < 1:
+                groups = decayed_groups(self.net_, backbone_params, lr, float(self.lr_decay))
+            elif backbone_params:
                 groups.append({"params": backbone_params, "lr": lr})
         return torch.optim.AdamW(groups, weight_decay=float(self.weight_decay))
-
-    def _fingerprint(self, train_paths, train_y, val_paths, val_y) -> str:
-        params = self.get_params(deep=False)
-        cfg = {
-            k: params[k]
-            for k in (
-                "backbone",
-                "epochs",
-                "head_epochs",
-                "unfreeze",
-                "lr",
-                "finetune_lr",
-                "weight_decay",
-                "dropout",
-                "label_smoothing",
-                "patience",
-                "lr_patience",
-                "lr_factor",
-                "pool",
-                "batch_size",
-                "seed",
-            )
-        }
-        cfg["augment"] = self.augment_.to_dict()
-        cfg["preprocess"] = self.preprocess_.to_dict()
-        cfg["weights_id"] = self.spec_.weights_id
-        cfg["classes"] = self.classes_
-        h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-        for p, y in zip(train_paths, train_y):
-            h.update(f"t{os.path.abspath(p)}\0{int(y)}\n".encode())
-        for p, y in zip(val_paths, val_y):
-            h.update(f"v{os.path.abspath(p)}\0{int(y)}\n".encode())
-        return h.hexdigest()
-
-    def _save_checkpoint(self, phase: str, loop, opt, best) -> None:
-        """Weights, best weights, optimiser and loop state (JSON) in one file, replaced
-        atomically: a killed run leaves the previous checkpoint intact."""
-        from safetensors.torch import save_file
-
-        torch = torch_module()
-        tensors = {
-            f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net_.state_dict().items()
-        }
-        tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in best.weights.items()})
-        osd = opt.state_dict()
-        for pid, st in osd["state"].items():
-            for k, v in st.items():
-                tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-        meta = {
-            "fingerprint": self._fingerprint_,
-            "phase": phase,
-            "loop": loop.state_dict(),
-            "param_groups": osd["param_groups"],
-        }
-        os.makedirs(self.work_dir, exist_ok=True)
-        # A fixed temporary name: the CLI's check of the work folder knows it (cli.WORK_FILES).
-        path = os.path.join(self.work_dir, CHECKPOINT)
-        save_file(tensors, path + ".tmp", metadata={"state": json.dumps(meta)})
-        os.replace(path + ".tmp", path)
-
-    def _read_checkpoint(self):
-        """(meta, tensors) of this run's checkpoint in ``work_dir``, or None."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        path = os.path.join(self.work_dir, CHECKPOINT) if self.work_dir else None
-        if not path or not os.path.isfile(path):
-            return None
-        restart = f"delete {self.work_dir} (or use --restart) to train from the start"
-        try:
-            with safe_open(path, "pt") as fh:
-                meta = json.loads(fh.metadata()["state"])
-            tensors = load_file(path)
-        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is reported, not fatal
-            raise StackvisionError(f"cannot read the checkpoint {path}: {exc}", restart) from None
-        if meta.get("fingerprint") != self._fingerprint_:
-            raise StackvisionError(
-                f"{self.work_dir} holds a checkpoint of a different training run "
-                "(other data or settings)",
-                "rerun with the same data and options to resume, or use --restart "
-                "(delete the work dir) to start over",
-            )
-        if "loop" not in meta:
-            raise StackvisionError(f"{path} was written by an older stackvision", restart)
-        return meta, tensors
 
     def _train(self, timgs, tyk, vimgs, vyk, tpaths, vpaths, on_epoch_end) -> None:
         """The phases, each a :class:`TrainingLoop` (fresh early stopping and LR plateau per
@@ -224,17 +145,23 @@ class FineTuneTraining:
         net = self.net_
         self._fingerprint_ = self._fingerprint(tpaths, tyk, vpaths, vyk)
         self.stopped_early_ = False
-        phases = [("head", int(self.head_epochs)), ("finetune", int(self.epochs))]
+        lp = self.head_init == "lp"  # the probe replaces the head phase
+        phases = [("head", 0 if lp else int(self.head_epochs)), ("finetune", int(self.epochs))]
         if not self.unfreeze:
             # No backbone block to unfreeze: the fine-tune phase would just train the head more.
-            phases = [("head", int(self.head_epochs) + int(self.epochs))]
+            phases = [("head", phases[0][1] + int(self.epochs))]
+        data = _EpochData(timgs, tyk, vimgs, vyk)
+        resume = self._read_checkpoint()
+        self.lp_ = self._lp_start(data) if lp and resume is None else None
         best = BestWeights(
             lambda: {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
             net.load_state_dict,
             min_delta=1e-6,
+            monitor=self._monitor(),
             weights={k: v.detach().clone() for k, v in net.state_dict().items()},
         )
-        resume = self._read_checkpoint()
+        if self.lp_ is not None:  # fine-tuning must beat the probe to replace it
+            best.best = self.lp_[self._monitor()]
         self.resumed_from_epoch_ = 0
         if resume is not None:
             meta, tensors = resume
@@ -244,13 +171,12 @@ class FineTuneTraining:
             best.weights = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
             self.resumed_from_epoch_ = int(meta["loop"]["epoch"])
         net.to(self.device_)
-
-        data = _EpochData(timgs, tyk, vimgs, vyk)
         history: list[dict] = []
         epoch, user_stop = 0, []
 
         def user_hook(record):
-            if on_epoch_end is not None and on_epoch_end(record):
+            late = not self.deadline_.next_epoch_fits(record["seconds"])
+            if late or (on_epoch_end is not None and on_epoch_end(record)):
                 user_stop.append(record["epoch"])  # ends this phase and skips the next
                 return True
             return False
@@ -285,13 +211,17 @@ class FineTuneTraining:
             if self.work_dir:
                 self._save_checkpoint(phase, loop, opt, best)
 
+        self._ema = WeightEMA(self.net_, float(self.ema)) if self.ema else None
+
         loop = TrainingLoop(
             lambda e: self._train_epoch(phase, e, opt, data),
             lambda e: self._validate(phase, data),
             [
-                ReduceLROnPlateau(opt, float(self.lr_factor), int(self.lr_patience)),
+                ReduceLROnPlateau(
+                    opt, float(self.lr_factor), int(self.lr_patience), monitor=self._monitor()
+                ),
                 best,
-                EarlyStopping(int(self.patience), min_delta=1e-4),
+                EarlyStopping(int(self.patience), min_delta=1e-4, monitor=self._monitor()),
                 Hook(checkpoint),
                 Hook(self._progress),
                 Hook(user_hook),
@@ -302,6 +232,14 @@ class FineTuneTraining:
             fields={"phase": phase},
         )
         return loop
+
+    def _lp_start(self, data: _EpochData) -> dict:
+        """LP-FT: the dense layer set to the logistic regression fitted on the frozen features
+        of the training images; returns the probe's validation loss and accuracy."""
+        if data.feats is None:
+            data.feats = self._backbone_features(data.timgs)
+        lp_init(self.net_, data.feats, data.tyk, len(self.classes_), self.lp_C, self.seed)
+        return {"C": self.lp_C, **self._validate("head", data)}
 
     def _progress(self, r: dict) -> None:
         if self._runtime().progress:
@@ -326,31 +264,46 @@ class FineTuneTraining:
             data.feats = self._backbone_features(data.timgs)
         perm = torch.randperm(len(data.tyk), generator=g)
         yt_all = torch.from_numpy(data.tyk)
-        tot, correct = 0.0, 0
+        tot, correct, seen = 0.0, 0, 0
+        ema, rng = self._ema, np.random.default_rng(self.seed * 100_003 + epoch)
+        if ema is not None:
+            ema.swap_out()  # learn on the learning weights, not their average
         for i in range(0, len(perm), bs):
+            if i and self.deadline_.passed():
+                break  # out of time: this epoch ends here (validated, best weights kept)
             idx = perm[i : i + bs]
             yb = yt_all[idx].to(self.device_)
             if use_cache:
-                logits = net.head(data.feats[idx])
+                inp = data.feats[idx]
             else:
                 batch = data.timgs[idx.numpy()]
-                if aug.active:
-                    batch = aug.batch(batch, g)
-                x = self._to_input(batch)
-                if phase == "head":
-                    with torch.no_grad():
-                        f = net.backbone(x)
-                    logits = net.head(f)
-                else:
-                    logits = net(x)
+                inp = self._to_input(aug.batch(batch, g) if aug.active else batch)
+            y2 = None
+            if self.mixup:
+                inp, yb, y2, lam = mixup(inp, yb, float(self.mixup), rng)
+            if use_cache:
+                logits = net.head(inp)
+            elif phase == "head":
+                with torch.no_grad():
+                    f = net.backbone(inp)
+                logits = net.head(f)
+            else:
+                logits = net(inp)
             loss_each = loss_fn(logits, yb, n_classes, ls)
+            if y2 is not None:
+                loss_each = lam * loss_each + (1 - lam) * loss_fn(logits, y2, n_classes, ls)
             opt.zero_grad(set_to_none=True)
             loss_each.mean().backward()
             opt.step()
+            if ema is not None:
+                ema.update()
             tot += float(loss_each.detach().sum())
             pred = (logits[:, 0] > 0).long() if n_classes == 2 else logits.argmax(1)
             correct += int((pred == yb).sum())
-        return {"loss": tot / len(data.tyk), "accuracy": correct / len(data.tyk)}
+            seen += len(idx)
+        if ema is not None:
+            ema.swap_in()  # validation, best weights and checkpoints see the average
+        return {"loss": tot / max(seen, 1), "accuracy": correct / max(seen, 1)}
 
     def _validate(self, phase: str, data: _EpochData) -> dict:
         """Validation loss and accuracy on the original view (what early stopping and the LR
@@ -373,7 +326,16 @@ class FineTuneTraining:
             vloss = float(loss_fn(vlog, vy_t, n_classes).mean())
             vpred = (vlog[:, 0] > 0).long() if n_classes == 2 else vlog.argmax(1)
             vacc = float((vpred == vy_t).float().mean())
-        return {"val_loss": vloss, "val_accuracy": vacc}
+        out = {"val_loss": vloss, "val_accuracy": vacc}
+        if self._monitor() == "val_loss_cal":
+            out["val_loss_cal"] = calibrated_loss(logits_to_proba(vlog, n_classes), vyk)
+        return out
+
+    def _monitor(self) -> str:
+        """What early stopping, the LR plateau and the best weights watch: LP-FT compares
+        fine-tuned weights with the probe after each one's own best temperature (the model is
+        temperature-calibrated in the end; a raw loss would favour the cautious probe)."""
+        return "val_loss_cal" if self.head_init == "lp" else "val_loss"
 
     def _backbone_features(self, imgs: np.ndarray):
         torch = torch_module()
@@ -385,15 +347,6 @@ class FineTuneTraining:
                 for i in range(0, len(imgs), bs)
             ]
         return torch.cat(out).clone() if out else torch.zeros((0, self.net_.fc.in_features))
-
-
-def _optimizer_state(groups: list[dict], tensors: dict) -> dict:
-    state: dict = {}
-    for name, v in tensors.items():
-        if name.startswith("opt."):
-            _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = v
-    return {"state": state, "param_groups": groups}
 
 
 class _EpochData:

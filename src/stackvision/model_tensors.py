@@ -119,6 +119,12 @@ def _ensemble_tensors(m: dict, t: dict, s: _Shapes) -> None:
         w = s.need("weighted.w", (K,), f"the manifest's {K} members")
         if (w < 0).any() or abs(float(w.sum()) - 1.0) > 1e-3:
             s.fail("tensor 'weighted.w' must hold member weights >= 0 that sum to 1")
+    if m["method"] == "calibrated" and not {"calibrated.w", "calibrated.t"} <= set(t):
+        s.fail("tensors 'calibrated.w' and 'calibrated.t' are missing (method 'calibrated')")
+    if "calibrated.w" in t:
+        s.need("calibrated.w", (K,), f"the manifest's {K} members")
+        if not (s.need("calibrated.t", (K,), f"the manifest's {K} members") > 0).all():
+            s.fail("tensor 'calibrated.t' must hold member temperatures > 0")
     if any(n.startswith("stacked.") for n in t):
         KC = K * C
         inputs = f"the manifest's {K} members x {C} classes"

@@ -88,6 +88,16 @@ def add_numbers(p: argparse.ArgumentParser, rows) -> None:
         p.add_argument(flag, type=kind, default=default, help=text + shown)
 
 
+def duration(text: str) -> float:
+    """argparse type of ``--time-limit``: seconds from 600, 90s, 20m, 1h, 1h30m."""
+    from ..presets import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_tta(p: argparse.ArgumentParser, what: str) -> None:
     # the choices are validation.TTA_MODES (not imported: building the parser stays numpy-free)
     p.add_argument(

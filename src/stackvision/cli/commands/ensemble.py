@@ -23,8 +23,10 @@ def add_arguments(e) -> None:
     e.add_argument(
         "--method",
         default="all",
-        choices=["mean", "weighted", "stacked", "all"],
-        help="all: fit every method, keep the best by out-of-fold log loss (default: all)",
+        choices=["mean", "weighted", "calibrated", "stacked", "all", "best"],
+        help="calibrated: member weights + a temperature per member; best: the lowest "
+        "out-of-fold log loss among each member alone and the combiners, never below the best "
+        "member; all: every combiner, keep the best by out-of-fold log loss (default: all)",
     )
     e.add_argument("--folds", type=int, default=5, help="k for out-of-fold scoring (default: 5)")
     e.add_argument(
@@ -68,6 +70,9 @@ def run(args) -> int:
     if ens.weights_ is not None:
         w = ", ".join(f"{n}={v:.3f}" for n, v in zip(ens.member_names_, ens.weights_))
         say(args, f"\nweighted-average weights: {w}")
+    if ens.selection_ is not None:
+        say(args, f"best: {ens.selection_.name} (inner out-of-fold log loss "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in ens.selection_.scores.items()) + ")")  # fmt: skip
     say(
         args,
         f"kept method: {ens.method_}\nensemble written to {path} "

@@ -55,6 +55,10 @@ HYPER_PARAMETERS = (
     ("--val-split", float, 0.15, "fraction held out for early stopping without --val"),
     ("--patience", int, 3, "early-stopping patience (epochs)"),
     ("--input-size", int, None, "train and predict at this size instead of the backbone's"),
+    ("--lp-C", float, 0.05, "with --head-init lp: C of the linear probe"),
+    ("--lr-decay", float, 1.0, "layer-wise lr decay per block from the top (1: none)"),
+    ("--ema", float, 0.0, "decay of an average of the weights, e.g. 0.99 (0: off)"),
+    ("--mixup", float, 0.0, "mixup Beta(alpha, alpha), e.g. 0.2 (0: off)"),
 )
 
 
@@ -74,6 +78,19 @@ def add_arguments(f) -> None:
         help="backbone blocks (from the top) trained in phase 2, or 'all' (default: 2)",
     )
     opt.add_numbers(f, HYPER_PARAMETERS)
+    f.add_argument(
+        "--head-init",
+        choices=["random", "lp"],
+        default="random",
+        help="lp: start the head as the logistic regression fitted on the frozen features "
+        "(LP-FT), replacing the head epochs (default: random)",
+    )
+    f.add_argument(
+        "--time-limit",
+        type=opt.duration,
+        metavar="DURATION",
+        help="stop cleanly by then (e.g. 600, 20m, 1h), keeping the best weights",
+    )
     f.add_argument(
         "--augment",
         nargs="?",
@@ -123,6 +140,12 @@ def run(args) -> int:
         weights=dict(args.weights or []),
         work_dir=work,
         seed=args.seed,
+        head_init=args.head_init,
+        lp_C=args.lp_C,
+        lr_decay=args.lr_decay,
+        ema=args.ema,
+        mixup=args.mixup,
+        time_limit=args.time_limit,
         batch_size=args.batch_size,  # a training parameter too (part of the resume check)
         runtime=opt.runtime(args, progress=not args.quiet),
     )
@@ -139,6 +162,11 @@ def run(args) -> int:
         f"unfrozen; augment {args.augment or 'none'}; checkpoints in {work}",
     )
     model.fit(data.paths, data.labels, val=val)
+    if model.lp_:
+        say(args, f"linear probe (start of LP-FT): val_loss {model.lp_['val_loss']:.4f} "
+                  f"val_acc {model.lp_['val_accuracy']:.3f}")  # fmt: skip
+    if model.deadline_.hit:
+        say(args, "stopped by --time-limit; the best weights so far are kept")
     if model.resumed_from_epoch_:
         say(args, f"(resumed after epoch {model.resumed_from_epoch_} from {work})")
     model.problems_ = data.problems + model.problems_

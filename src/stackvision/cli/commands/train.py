@@ -70,7 +70,20 @@ def add_arguments(t) -> None:
         help="train on a sharded feature set (extract --export-shards) streamed from disk, for"
         " features larger than memory: one head, hold-out --val-split (default 0.1)",
     )
+    t.add_argument(
+        "--preset",
+        choices=["fast", "default", "best"],
+        help="fast: lite0, no flip; default: the stack; best: the stack, then LP-FT fine-tuned "
+        "members and a 'best' ensemble within --time-limit (backbones/--tta given win)",
+    )
+    t.add_argument(
+        "--time-limit",
+        type=opt.duration,
+        metavar="DURATION",
+        help="with --preset best: the whole run's budget, e.g. 20m, 1h (default: 1h)",
+    )
     opt.add_runtime_options(t)
+    t.set_defaults(backbones=None, tta=None)  # unset: the preset's, else the usual defaults
 
 
 def _head_param(text: str) -> tuple[str, object]:
@@ -99,10 +112,16 @@ def _check_head(args) -> None:
 
 
 def run(args) -> int:
+    started = time.monotonic()
+    _apply_preset(args)
     _check_head(args)
     opt.check_out(args, "model", opt.data_inputs(args))
     if args.from_shards:
         return _run_shards(args)
+    if args.preset == "best":
+        from ..train_best import run_best
+
+        return run_best(args, started)
     from ...classifier import StackedClassifier
     from ...metrics import summary_row
 
@@ -173,6 +192,23 @@ def run(args) -> int:
         f"{os.path.join(path, 'report', 'report.html')}",
     )
     return 0
+
+
+def _apply_preset(args) -> None:
+    """A preset's backbones and TTA where the command line does not give them (no preset:
+    the default stack, flip)."""
+    from ...presets import preset_settings
+
+    if args.time_limit and args.preset != "best":
+        raise StackvisionError(
+            "--time-limit budgets --preset best (a plain stack is not cut short)",
+            "add --preset best, or drop --time-limit",
+        )
+    if args.preset and args.from_shards:
+        raise StackvisionError("--preset needs images (not --from-shards)", "drop --preset")
+    preset = preset_settings(args.preset or "default")
+    args.backbones = args.backbones or preset["backbones"]
+    args.tta = args.tta or preset["tta"]
 
 
 def _run_shards(args) -> int:

@@ -1,0 +1,227 @@
+"""``train --preset best``: the feature stack, then LP-FT fine-tuned members and a ``best``
+ensemble, as much as fits in a time limit, with an honest protocol.
+
+Protocol (every score is on images that were not used to fit what is scored):
+
+1. **Stack** on every training image (k-fold, flip TTA): its scores are out-of-fold.
+2. A stratified **hold-out H** (``holdout``, default 20% of the training images, identical files
+   on one side) is set aside. Each **fine-tuned member** (LP-FT, :data:`FT_RECIPE`) trains on the
+   other images only (its early stopping on a split of those), and never sees H.
+3. The **ensemble** (``best``: each member alone, mean, weighted, calibrated; never below the best
+   member) is chosen and scored out-of-fold on H, from the stack's out-of-fold probabilities on H
+   and the members' predictions on H. The kept combiner is then refitted on all of H.
+
+Budget: the stack runs first (it is what every preset makes); then each fine-tuned member starts
+only if its estimated cost (decoding, the probe's features, :data:`MIN_EPOCHS` epochs, its
+predictions) fits in what is left, less a reserve for the ensemble and saving, and it gets the
+rest as its own time limit (it stops cleanly, keeping its best weights). What does not fit is
+skipped and said. The result is a normal model directory: the ensemble, or the stack alone when
+no member was trained or the ensemble chose the stack.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .metrics import classification_metrics, summary_row
+
+#: the fine-tuning recipe of the members (see docs/finetune.md and BENCHMARKS.md)
+FT_RECIPE = {
+    "head_init": "lp",
+    "unfreeze": 2,
+    "epochs": 8,
+    "finetune_lr": 1e-4,
+    "patience": 2,
+    "batch_size": 32,
+    "ema": 0.99,  # each of these two was the best single addition to LP-FT on flowers5
+    "augment": "standard",
+}
+#: (backbone, input size or None for its own) fine-tuned in this order while time is left; a
+#: smaller input is the fallback when the backbone's own does not fit (about half the cost)
+FT_MEMBERS = (("lite0", None), ("lite0", 160), ("lite1", None))
+MIN_EPOCHS = 1
+#: seconds kept for the ensemble and writing the model (plus 2% of the limit)
+RESERVE_S = 20.0
+
+
+@dataclass
+class Step:
+    """One row of the "what each step bought" table."""
+
+    step: str
+    seconds: float
+    scored_on: str
+    metrics: dict | None = None
+    note: str = ""
+
+    def row(self) -> dict:
+        m = summary_row(self.metrics) if self.metrics else {}
+        return {"step": self.step, "seconds": round(self.seconds, 1),
+                "scored on": self.scored_on, **m, "note": self.note}  # fmt: skip
+
+
+@dataclass
+class BestResult:
+    model: object
+    steps: list[Step] = field(default_factory=list)
+    protocol: str = ""
+
+
+def _speed(backbone: str, weights, input_size: int | None, batch: int = 8) -> tuple[float, float]:
+    """(training, inference) images per second of fine-tuning ``backbone`` with the recipe's
+    top blocks learning, on this machine now, measured on one random batch (after a warm-up)."""
+    import torch
+
+    from .backbones import build_model, resolve
+    from .finetune_net import backbone_blocks, build_net
+
+    spec = resolve(backbone, weights)
+    size = input_size or spec.preprocess.input_size
+    net = build_net(build_model(spec), 10, 0.0)
+    blocks, tail = backbone_blocks(net.backbone)
+    net.backbone.requires_grad_(False)
+    for m in blocks[-int(FT_RECIPE["unfreeze"]) :] + tail:
+        m.requires_grad_(True)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    rates = []
+    for train in (True, False):
+        net.train(train)
+        for _ in range(2):
+            t0 = time.perf_counter()
+            if train:
+                net(x).sum().backward()
+            else:
+                with torch.inference_mode():
+                    net(x)
+            dt = time.perf_counter() - t0
+        rates.append(batch / max(dt, 1e-6))
+    return rates[0], rates[1]
+
+
+def fit_best(
+    paths: list[str],
+    labels: list[str],
+    *,
+    stack_params: dict,
+    time_limit: float,
+    runtime,
+    weights: dict | None = None,
+    holdout: float = 0.2,
+    seed: int = 0,
+    say=print,
+    started: float | None = None,
+) -> BestResult:
+    """Run the pipeline (see the module doc) on ``paths``/``labels``. ``stack_params``: the
+    :class:`~stackvision.classifier.StackedClassifier` parameters (backbones, head, folds...).
+    ``started``: ``time.monotonic()`` when the command began (default: now)."""
+    from .classifier import StackedClassifier
+    from .duplicates import content_groups
+    from .finetune import FineTunedClassifier
+    from .validation import holdout_split
+
+    t_start = time.monotonic() if started is None else started
+    end = t_start + float(time_limit)
+    reserve = RESERVE_S + 0.02 * float(time_limit)
+    steps: list[Step] = []
+
+    # 1. the stack, on every image, scored out-of-fold
+    t0 = time.monotonic()
+    stack = StackedClassifier(**stack_params, weights=weights, seed=seed, runtime=runtime)
+    stack.fit(paths, labels)
+    steps.append(Step(f"stack {'+'.join(s.name for s in stack.specs_)}", time.monotonic() - t0,
+                      "all (CV)", stack.metrics_, f"{stack.folds}-fold out-of-fold"))  # fmt: skip
+    opaths, oy, oproba = stack.eval_
+    classes = list(stack.classes_)
+
+    # 2. the hold-out H, and fine-tuned members on the rest
+    hold = holdout_split(oy, holdout, seed, content_groups(opaths))[1]
+    hset = set(hold.tolist())
+    h_paths = [opaths[i] for i in hold]
+    h_y = oy[hold]
+    t_paths = [p for i, p in enumerate(opaths) if i not in hset]
+    t_labels = [classes[oy[i]] for i in range(len(opaths)) if i not in hset]
+    on_h = "H"
+    steps.append(Step("stack, on H", 0.0, on_h, classification_metrics(h_y, oproba[hold], classes),
+                      "out-of-fold rows of H"))  # fmt: skip
+    members, P = [stack], [oproba[hold]]
+    counts = np.bincount(h_y, minlength=len(classes))
+    # the combiners are fitted and scored k-fold on H: at least 2 images of every class there
+    for bb, size in FT_MEMBERS if counts.min() >= 2 else ():
+        if any(m.spec_.name == bb for m in members[1:]):
+            continue  # this backbone is a member already (at another size)
+        bb_name = bb + (f"@{size}px" if size else "")
+        left = end - time.monotonic() - reserve
+        t0 = time.monotonic()
+        if left <= 0:
+            steps.append(Step(f"+ LP-FT {bb_name}", 0.0, "-", None, "skipped: no time left"))
+            continue
+        train_ips, infer_ips = _speed(bb, weights, size)
+        n_t, n_h = len(t_paths), len(h_paths)
+        predict = (2 * n_h + 2 * 0.15 * n_t) / infer_ips  # H and the member's own calibration
+        need = n_t / infer_ips + MIN_EPOCHS * (0.85 * n_t / train_ips) + predict
+        need += time.monotonic() - t0
+        if need > left:
+            steps.append(Step(f"+ LP-FT {bb_name}", time.monotonic() - t0, "-", None,
+                              f"skipped: needs ~{need:.0f} s, {max(left, 0):.0f} s left"))  # fmt: skip
+            continue
+        say(f"fine-tuning {bb_name} (LP-FT) on {n_t} images, up to {left - predict:.0f} s ...")
+        ft = FineTunedClassifier(
+            bb, **FT_RECIPE, time_limit=max(left - predict - (time.monotonic() - t0), 1.0),
+            input_size=size, weights=weights, seed=seed, runtime=runtime,
+        )  # fmt: skip
+        ft.fit(t_paths, t_labels)
+        pred = ft.predict_paths(h_paths)
+        if len(pred.paths) != len(h_paths):  # a member must score every row of H
+            steps.append(Step(f"+ LP-FT {bb_name}", time.monotonic() - t0, "-", None,
+                              "left out: could not read every hold-out image"))  # fmt: skip
+            continue
+        cols = [list(ft.classes_).index(c) for c in classes]
+        P.append(pred.proba[:, cols])
+        members.append(ft)
+        note = f"{len(ft.history_)} epoch(s), best {ft.best_epoch_}" + (
+            ", stopped by the time limit" if ft.deadline_.hit else ""
+        )
+        steps.append(Step(f"+ LP-FT {bb_name}", time.monotonic() - t0, on_h,
+                          classification_metrics(h_y, P[-1], classes), note))  # fmt: skip
+
+    if counts.min() < 2:
+        steps.append(Step("+ LP-FT members", 0.0, "-", None,
+                          "skipped: too few images per class for a hold-out (fewer than 10)"))  # fmt: skip
+    protocol = (
+        f"Protocol: the stack was scored out-of-fold ({stack.folds}-fold) on all training images. "
+        f"A stratified hold-out H of {len(h_paths)} training images (seed {seed}) was set aside; "
+        "fine-tuned members trained on the other images only. The ensemble was chosen and scored "
+        "out-of-fold on H (the stack's probabilities on H are its out-of-fold ones). No score "
+        "was computed on images used to fit what is scored."
+    )
+    if len(members) == 1:
+        stack.metrics_["protocol"] = protocol
+        return BestResult(
+            stack, steps, protocol + " No fine-tuned member fitted: the model is the stack."
+        )
+
+    # 3. the ensemble, chosen and scored out-of-fold on H
+    from .ensemble import EnsembleClassifier
+    from .ensemble_combiners import fit_combiners
+    from .ensemble_methods import as_array
+
+    t0 = time.monotonic()
+    ens = EnsembleClassifier(members, method="best", folds=5, seed=seed, runtime=runtime)
+    ens._validate_params()
+    ens._load_members()
+    ens.member_names_ = ["stack"] + [
+        f"ft-{m.spec_.name}-{m.preprocess_.input_size}px" for m in members[1:]
+    ]
+    fit_combiners(ens, h_paths, as_array(P), h_y, content_groups(h_paths))
+    ens.problems_, ens.manifest_ = list(stack.problems_), None
+    ens.metrics_["protocol"] = protocol
+    chosen = ens.selection_.name
+    steps.append(Step(f"+ ensemble best ({chosen})", time.monotonic() - t0, on_h, ens.metrics_,
+                      f"{len(ens.metrics_.get('folds') or []) or 5}-fold out-of-fold on H"))  # fmt: skip
+    if chosen == "member:stack":
+        stack.metrics_["protocol"] = protocol
+        return BestResult(stack, steps, protocol + " The ensemble chose the stack alone.")
+    return BestResult(ens, steps, protocol)
