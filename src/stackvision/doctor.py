@@ -21,7 +21,8 @@ the features of a validation set, and optionally out-of-fold probabilities alrea
    on those probabilities, ranked by self-confidence, each with its suggested label (the most
    probable class), the probability of the given label and of the top class.
 4. **Outliers**: robust z-scores (median / MAD) of the neighbourhood density ``r`` and of the
-   cosine to the nearest class centre; an image low on both is far from every class.
+   cosine to the nearest class centre; an image low on both (mean z below ``OUTLIER_Z``) is far
+   from every class.
 5. **Class problems**: classes with few images, and pairs of classes the out-of-fold predictions
    confuse often (both ways, as a share of the two classes' images).
 """
@@ -35,17 +36,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .neighbours import embed, groups_from_pairs, knn, pairs_above
+from .neighbours import DUP_CSLS, K, duplicate_pairs, embed, groups_from_pairs
 
-#: neighbours per row (density, CSLS, candidate pairs)
-K = 10
-#: CSLS score from which two images are near-duplicates (chosen on cub86 and imagewoof)
-DUP_CSLS = 0.40
-#: and from which cosine at least: CSLS alone over-rates pairs in sparse data (a few dozen images)
-DUP_COS_MIN = 0.70
-#: robust z-scores below which an image is an outlier (density and nearest class centre)
+#: an image is an outlier when the mean of its robust z-scores (neighbourhood density, cosine to
+#: the nearest class centre) is below this
 OUTLIER_Z = -3.5
-OUTLIER_CENTRE_Z = -2.0
 #: a class is tiny below max(TINY_MIN, TINY_SHARE x the median class size)
 TINY_MIN, TINY_SHARE = 5, 0.25
 #: class pairs confused at least this share of their images are listed; above HARD, "indistinguishable"
@@ -78,8 +73,8 @@ class Diagnosis:
             "n_train": self.split.count("train"),
             "n_val": self.split.count("val"),
             "label_issues": len(self.label_issues),
-            "duplicate_groups": len(self.groups),
-            "duplicate_files": sum(len(g["paths"]) for g in self.groups),
+            "duplicate_groups": sum(not g["leak"] for g in self.groups),
+            "duplicate_files": sum(len(g["paths"]) for g in self.groups if not g["leak"]),
             "leaks": len(self.leaks),
             "outliers": len(self.outliers),
             "class_problems": len(self.class_problems),
@@ -195,13 +190,9 @@ def diagnose(
     d = Diagnosis(list(paths) + vpaths, split, labels, classes)
 
     # 1. neighbours, near-duplicates, leaks
-    E = embed(Xa, pca=None).vectors
+    E = embed(Xa).vectors
     k = min(K, max(m - 1, 1))
-    sims, idx = knn(E, k)
-    r = np.where(np.isfinite(sims), sims, 0.0).mean(1)
-    csls = 2 * sims - r[:, None] - r[np.maximum(idx, 0)]
-    csls[(idx < 0) | (sims < DUP_COS_MIN)] = -np.inf
-    pairs = pairs_above(csls, idx, dup_csls)
+    pairs, r = duplicate_pairs(E, k, dup_csls)
     gid = groups_from_pairs(m, pairs, base_groups)
     members: dict[int, list[int]] = {}
     for i, g in enumerate(gid.tolist()):
@@ -247,7 +238,7 @@ def diagnose(
     cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
     near_centre = (E @ cent.T).max(1) if n else np.zeros(m)
     zd, zc = robust_z(r), robust_z(near_centre)
-    for i in np.flatnonzero((zd <= OUTLIER_Z) & (zc <= OUTLIER_CENTRE_Z)):
+    for i in np.flatnonzero((zd + zc) / 2 <= OUTLIER_Z):
         d.outliers.append({
             "row": int(i), "path": d.paths[i], "split": split[i], "label": labels[i],
             "density_z": round(float(zd[i]), 2), "centre_z": round(float(zc[i]), 2),
@@ -325,3 +316,21 @@ def examine(
     d.problems = problems
     d.stats["extract"] = F.stats
     return d
+
+
+def from_model(model) -> Diagnosis:
+    """The doctor on a just-fitted :class:`~stackvision.classifier.StackedClassifier`: its
+    features, its out-of-fold probabilities (k-fold; else computed) and its ``--val`` set."""
+    F, y = model._features_cache, model._feature_y
+    oof = model.oof_proba_
+    if model.folds < 2 or oof is None or len(oof) != len(y):
+        oof = None
+    vset, hashes = None, list(F.hashes)
+    if model._val_data is not None:
+        vf, vy = model._val_data
+        vset, hashes = (vf.stacked(), vf.paths, vy), hashes + list(vf.hashes)
+    base = np.unique(np.asarray(hashes), return_inverse=True)[1] if hashes else None
+    return diagnose(
+        F.stacked(), y, model.classes_, F.paths, n_views=model.n_views_, val=vset, oof=oof,
+        base_groups=base, seed=model.seed,
+    )  # fmt: skip

@@ -10,11 +10,13 @@ about a second here), else an HNSW graph from faiss (``faiss-cpu``), whose recal
 nearest neighbour at these settings is above 0.99 on image features. Either returns the ``k``
 most similar other rows of every row.
 
-Near-duplicates are the pairs with cosine >= ``DUP_THRESHOLD``; :func:`groups_from_pairs` joins
-them transitively (union-find), so a photo, its resized copy and a crop of the copy are one group.
-The threshold was chosen on real data (``benchmarks/doctor.py``, BENCHMARKS.md): copies re-encoded
-as JPEG, resized and cropped by up to 10% sit at cosine 0.90-1.0 from their original, while the
-nearest *distinct* image of imagewoof and cub86 is above 0.85 for fewer than 0.5% of images.
+Near-duplicates (:func:`duplicate_pairs`) are scored by CSLS (cross-domain similarity local
+scaling, Conneau et al. 2018): ``2 cos(a, b) - r_a - r_b`` with ``r`` a row's mean cosine to its
+``k`` nearest neighbours. A plain cosine threshold cannot tell a re-encoded, resized and cropped
+copy (cosine 0.66-0.99 from its original on cub86) from two photos of one species in a dense
+class (up to 0.95); relative to each row's own neighbourhood the two separate (measured in
+``benchmarks/doctor.py``, BENCHMARKS.md "doctor"). :func:`groups_from_pairs` joins pairs
+transitively (union-find), so a photo, its resized copy and a crop of the copy are one group.
 """
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: cosine similarity (centred, PCA-256, L2-normalised features) from which two images are copies
-DUP_THRESHOLD = 0.90
+#: CSLS score from which two images are near-duplicates (chosen on cub86 and imagewoof)
+DUP_CSLS = 0.35
+#: and from which cosine at least: CSLS alone over-rates pairs in sparse data (a few dozen images:
+#: two distinct Shih-Tzus at cosine 0.72 scored 0.52 among 49 images)
+DUP_COS_MIN = 0.75
+#: neighbours per row (density, CSLS, candidate pairs)
+K = 10
 #: most rows searched exactly; above, an HNSW index (faiss)
 EXACT_MAX = 40_000
-#: PCA dimensions kept before the search (None: none)
-PCA_DIMS = 256
+#: PCA dimensions kept before the search (None: none; PCA-256 lost recall on copies, so off)
+PCA_DIMS = None
 
 
 @dataclass
@@ -172,14 +179,24 @@ def groups_from_pairs(n: int, pairs, base: np.ndarray | None = None) -> np.ndarr
     return uf.labels()
 
 
-def near_duplicate_groups(
-    X: np.ndarray, base: np.ndarray | None = None, threshold: float = DUP_THRESHOLD, k: int = 10
-) -> np.ndarray:
+def duplicate_pairs(
+    E: np.ndarray, k: int = K, csls_min: float = DUP_CSLS, cos_min: float = DUP_COS_MIN
+) -> tuple[list[tuple[int, int, float]], np.ndarray]:
+    """Near-duplicate pairs (i < j, CSLS score) of unit rows ``E``, and each row's density ``r``
+    (mean cosine to its ``k`` nearest neighbours)."""
+    k = min(k, max(len(E) - 1, 1))
+    sims, idx = knn(E, k)
+    r = np.where(np.isfinite(sims), sims, 0.0).mean(1)
+    csls = 2 * sims - r[:, None] - r[np.maximum(idx, 0)]
+    csls[(idx < 0) | (sims < cos_min)] = -np.inf
+    return pairs_above(csls, idx, csls_min), r
+
+
+def near_duplicate_groups(X: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
     """Group ids for ``X`` (N, D) or (N, views, D) (the first view is used) in which near-duplicates
     (and rows with equal ``base`` ids) share a group: what ``train --group-duplicates`` splits on."""
     X = np.asarray(X)
     if X.ndim == 3:
         X = X[:, 0]
     E = embed(X).vectors
-    sims, idx = knn(E, min(k, max(len(E) - 1, 1)))
-    return groups_from_pairs(len(E), pairs_above(sims, idx, threshold), base)
+    return groups_from_pairs(len(E), duplicate_pairs(E)[0], base)
