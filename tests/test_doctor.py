@@ -268,3 +268,36 @@ def test_group_duplicates_keeps_copies_in_one_fold(woof_train, cache_dir, tmp_pa
     X = m._features_cache.stacked()
     g = near_duplicate_groups(X)
     assert all(g[pos[a]] == g[pos[b]] for a, b in copies)
+
+
+def test_doctor_from_shards_streams_and_names_rows_by_their_files(
+    dirty, cache_dir, tmp_path, capsys
+):
+    shards = tmp_path / "shards"
+    args = ["extract", str(dirty["train"]), "--backbones", "lite0", "--tta", "none"]
+    assert (
+        main(
+            [
+                *args,
+                "--cache",
+                cache_dir,
+                "--export-shards",
+                str(shards),
+                "--shard-rows",
+                "20",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    out = tmp_path / "doc"
+    assert doctor(dirty["train"], "--from-shards", shards, "--out", out, "-q") == 0
+    js = json.loads((out / "doctor.json").read_text())
+    assert js["label_issues"][0]["path"] == str(dirty["wrong"])
+    assert js["label_issues"][0]["suggested_label"] == dirty["classes"][2]
+    assert "streamed" in js["stats"]["out_of_fold"] and "3 shard(s)" in js["stats"]["search"]
+    # without DATA the rows are named by their image hash
+    assert doctor("--from-shards", shards, "-q") == 0
+    assert "shard row" in capsys.readouterr().out
+    assert doctor("--from-shards", shards, "--val", dirty["val"], "-q") == 2
+    one_line_error(capsys, "--from-shards", "--val")

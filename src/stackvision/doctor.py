@@ -154,7 +154,7 @@ def _class_problems(y, proba, classes) -> list[dict]:
 
 
 def diagnose(
-    X: np.ndarray,
+    X: np.ndarray | None,
     y: np.ndarray,
     classes: Sequence[str],
     paths: Sequence[str],
@@ -167,8 +167,12 @@ def diagnose(
     seed: int = 0,
     dup_csls: float = DUP_CSLS,
     progress: bool = False,
+    embedding: np.ndarray | None = None,
 ) -> Diagnosis:
     """Examine training features ``X`` (N, views, D) with class indices ``y``.
+
+    ``embedding``: the unit rows to search (train then val) when ``X`` is not in memory (the shard
+    path gives them, with ``oof``; ``X`` may then be None).
 
     ``val``: (features, paths, class indices or None) of a validation set, searched for leaks and
     outliers. ``oof``: out-of-fold probabilities for every training row (else computed).
@@ -178,19 +182,19 @@ def diagnose(
     classes = list(classes)
     y = np.asarray(y, np.int64)
     n = len(y)
-    Xa = X[:, 0]
+    Xa = X[:, 0] if X is not None else None
     vpaths, vy = [], np.zeros(0, np.int64)
     if val is not None:
-        Xa = np.concatenate([Xa, val[0][:, 0]])
+        Xa = np.concatenate([Xa, val[0][:, 0]]) if Xa is not None else None
         vpaths = list(val[1])
         vy = np.asarray(val[2] if val[2] is not None else np.full(len(vpaths), -1), np.int64)
-    m = len(Xa)
+    m = len(Xa) if embedding is None else len(embedding)
     split = ["train"] * n + ["val"] * (m - n)
     labels = [classes[i] for i in y] + [classes[i] if i >= 0 else "" for i in vy]
     d = Diagnosis(list(paths) + vpaths, split, labels, classes)
 
     # 1. neighbours, near-duplicates, leaks
-    E = embed(Xa).vectors
+    E = embed(Xa).vectors if embedding is None else embedding
     k = min(K, max(m - 1, 1))
     pairs, r = duplicate_pairs(E, k, dup_csls)
     gid = groups_from_pairs(m, pairs, base_groups)

@@ -94,7 +94,7 @@ def _thumb(path: str) -> bytes | None:
 
     try:
         img = load_rgb(path, min_side=THUMB_PX)
-    except ImageDecodeError:
+    except (ImageDecodeError, OSError):  # unreadable, or a shard row known by its hash only
         return None
     img.thumbnail((THUMB_PX, THUMB_PX))
     buf = io.BytesIO()

@@ -7,6 +7,7 @@ doctor.csv (edit its action column, then: train --exclude doctor.csv) and report
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from .. import options as opt
@@ -27,6 +28,12 @@ def add_arguments(p) -> None:
         "--folds", type=int, default=5, help="folds of the out-of-fold heads (default: 5)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed for the folds (default: 0)")
+    p.add_argument(
+        "--from-shards",
+        metavar="DIR",
+        help="examine a sharded feature set (extract --export-shards), streamed from disk, for "
+        "features larger than memory; DATA, if given, names the rows by their files",
+    )
     opt.add_runtime_options(p)
 
 
@@ -82,6 +89,8 @@ def run(args) -> int:
         )
     if args.out:
         opt.check_out(args, "doctor", opt.data_inputs(args))
+    if args.from_shards:
+        return _run_shards(args)
     data = opt.listing(args)
     check_trainable(data.labels, 1)
     if getattr(args, "corrections", None):
@@ -102,15 +111,41 @@ def run(args) -> int:
     problems = data.problems + d.problems
     report_problems(problems, args)
     _print(args, d)
+    _write(args, d, problems, data.source)
+    return 0
+
+
+def _run_shards(args) -> int:
+    from ...cache import content_hash
+    from ...doctor_shards import diagnose_shards
+    from ...errors import StackvisionError
+    from ...images import ImageDecodeError, read_bytes
+
+    if args.val or args.exclude:
+        raise StackvisionError(
+            "--from-shards examines the shards' rows only",
+            "drop --val/--exclude (or --from-shards)",
+        )
+    by_hash = {}
+    if args.data or args.labels:
+        for p in opt.listing(args).paths:  # name the rows by their files
+            with contextlib.suppress(ImageDecodeError):  # unreadable: left unnamed
+                by_hash.setdefault(content_hash(read_bytes(p)), p)
+    d = diagnose_shards(args.from_shards, folds=args.folds, seed=args.seed, paths_by_hash=by_hash)
+    _print(args, d)
+    _write(args, d, [], args.from_shards)
+    return 0
+
+
+def _write(args, d, problems, source) -> None:
     if args.out:
         from ...atomic import atomic_dir
         from ...doctor_output import write_doctor_dir
 
-        extra = {"data": data.source, "val": args.val, "backbones": args.backbones,
+        extra = {"data": source, "val": args.val, "backbones": args.backbones,
                  "problems": [p.__dict__ for p in problems]}  # fmt: skip
         with atomic_dir(args.out) as tmp:
-            write_doctor_dir(d, tmp, extra, title=f"stackvision doctor: {data.source}")
+            write_doctor_dir(d, tmp, extra, title=f"stackvision doctor: {source}")
         say(args, f"\nwritten: {os.path.join(args.out, 'doctor.csv')} (edit the action column, then "
                   f"`stackvision train ... --exclude {os.path.join(args.out, 'doctor.csv')}`), "
                   f"doctor.json, report.html")  # fmt: skip
-    return 0
