@@ -26,10 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 
 #: CSLS score from which two images are near-duplicates (chosen on cub86 and imagewoof)
-DUP_CSLS = 0.35
+DUP_CSLS = 0.30
 #: and from which cosine at least: CSLS alone over-rates pairs in sparse data (a few dozen images:
 #: two distinct Shih-Tzus at cosine 0.72 scored 0.52 among 49 images)
 DUP_COS_MIN = 0.75
+#: below this many rows neighbourhoods are too sparse for CSLS to mean much: a higher cosine floor
+#: (two distinct Shih-Tzus at cosine ~0.76 scored 0.31 among 73 images)
+SPARSE_ROWS, SPARSE_COS_MIN = 1000, 0.85
 #: neighbours per row (density, CSLS, candidate pairs)
 K = 10
 #: most rows searched exactly; above, an HNSW index (faiss)
@@ -211,10 +214,13 @@ def groups_from_pairs(n: int, pairs, base: np.ndarray | None = None) -> np.ndarr
 
 
 def duplicate_pairs(
-    E: np.ndarray, k: int = K, csls_min: float = DUP_CSLS, cos_min: float = DUP_COS_MIN
+    E: np.ndarray, k: int = K, csls_min: float = DUP_CSLS, cos_min: float | None = None
 ) -> tuple[list[tuple[int, int, float]], np.ndarray]:
     """Near-duplicate pairs (i < j, CSLS score) of unit rows ``E``, and each row's density ``r``
-    (mean cosine to its ``k`` nearest neighbours)."""
+    (mean cosine to its ``k`` nearest neighbours). ``cos_min``: default ``DUP_COS_MIN``, or
+    ``SPARSE_COS_MIN`` under ``SPARSE_ROWS`` rows."""
+    if cos_min is None:
+        cos_min = DUP_COS_MIN if len(E) >= SPARSE_ROWS else SPARSE_COS_MIN
     k = min(k, max(len(E) - 1, 1))
     sims, idx = knn(E, k)
     r = np.where(np.isfinite(sims), sims, 0.0).mean(1)
