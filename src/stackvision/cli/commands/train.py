@@ -146,7 +146,7 @@ def run(args) -> int:
         say(args, f"corrections from {c['file']}: {c['excluded']} left out, {c['relabelled']} relabelled")  # fmt: skip
     model.fit(data.paths, data.labels, val=val)
     model.problems_ = data.problems + model.problems_
-    if not args.no_doctor:
+    if not args.no_doctor and model.metrics_ and model.eval_:  # no report, no section
         _doctor_section(args, model)
     path = model.save(args.out)
     st = model.extract_stats_
