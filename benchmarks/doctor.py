@@ -185,16 +185,23 @@ def main() -> None:
     acc_clean = accuracy(X[:n], y_true[:n], Xv2, yv2, len(classes), 2)
     acc_noisy = accuracy(X, y_noisy, Xv2, yv2, len(classes), 2)
     acc_fixed = accuracy(X[keep], y_noisy[keep], Xv2, yv2, len(classes), 2)
+    # the other action for label issues: relabel to the suggested class (other exclusions kept)
+    sugg = {x["path"]: ci[x["suggested_label"]] for x in d.label_issues}
+    y_rel = np.asarray([sugg.get(p, c) for p, c in zip(F.paths, y_noisy)], np.int64)
+    keep_rel = np.asarray([p not in excl or p in sugg for p in F.paths])
+    acc_rel = accuracy(X[keep_rel], y_rel[keep_rel], Xv2, yv2, len(classes), 2)
     lost = acc_clean - acc_noisy
     acc = {
         "val_images": int(keep_v.sum()), "clean": acc_clean, "noisy": acc_noisy,
         "after_doctor": acc_fixed, "excluded": len(excl),
         "recovered_fraction": (acc_fixed - acc_noisy) / lost if lost > 0 else None,
+        "after_doctor_relabel": acc_rel,
+        "recovered_fraction_relabel": (acc_rel - acc_noisy) / lost if lost > 0 else None,
     }  # fmt: skip
 
     # 4. --group-duplicates: CV optimism with copies in the training data (true labels)
     cv = {}
-    for name, groups in (("identical_bytes", base[: len(F.paths)]), ("near_duplicates", d.train_groups)):  # fmt: skip
+    for name, groups in [] if a.skip_cv else (("identical_bytes", base[: len(F.paths)]), ("near_duplicates", d.train_groups)):  # fmt: skip
         t1 = time.perf_counter()
         r = fit_stack_heads("logreg", None, X, y_true, classes, folds=5, val_split=None,
                             val=(Xv2, yv2), n_views=2, class_weight=None, calibrate=True, seed=0,
