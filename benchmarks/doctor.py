@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--dups", type=float, default=0.03)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--skip-cv", action="store_true", help="skip the --group-duplicates CV part")
     ap.add_argument(
         "--time-only", action="store_true", help="only time the doctor on the clean data"
     )
