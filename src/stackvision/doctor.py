@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import StackvisionError
 from .neighbours import DUP_CSLS, K, duplicate_pairs, embed, groups_from_pairs
 
 #: an image is an outlier when the mean of its robust z-scores (neighbourhood density, cosine to
@@ -101,7 +102,13 @@ def out_of_fold(X, y, n_classes, *, n_views=1, folds=5, groups=None, seed=0, pro
     k = int(max(2, min(folds, counts[counts > 0].min() if counts.any() else 2)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        splits = kfold_splits(y, k, seed, groups)
+        try:
+            splits = kfold_splits(y, k, seed, groups)
+        except ValueError:  # every class smaller than 2 folds
+            raise StackvisionError(
+                "every class has a single image: no out-of-fold predictions are possible",
+                "the doctor needs classes of at least 2 images: add images",
+            ) from None
         res = cross_validate("logreg", None, X, y, n_classes, splits, n_views, seed=seed, progress=progress)  # fmt: skip
     proba = np.full((len(y), n_classes), 1.0 / n_classes)
     proba[res.oof_index] = res.oof_proba
