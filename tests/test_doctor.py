@@ -161,6 +161,12 @@ def test_doctor_user_errors(dirty, cache_dir, tmp_path, capsys):
     one_line_error(capsys, "did not write", "--out")
     assert doctor(tmp_path / "nope", "--cache", cache_dir, *LITE0) == 2
     one_line_error(capsys, "nope")
+    for c in dirty["classes"][:2]:  # one image a class: nothing can be held out
+        (tmp_path / "tiny" / c).mkdir(parents=True)
+        src = sorted((dirty["train"] / c).iterdir())[1]
+        shutil.copyfile(src, tmp_path / "tiny" / c / src.name)
+    assert doctor(tmp_path / "tiny", "--cache", cache_dir, *LITE0) == 2
+    one_line_error(capsys, "single image", "at least 2 images")
 
 
 # ---------------------------------------------------------------------- corrections
