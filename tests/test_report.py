@@ -20,12 +20,12 @@ def _folder_bytes(path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def _check_many_class_report(model_dir, report_dir):
+def _check_many_class_report(model_dir, report_dir, extra=()):
     metrics = json.loads((model_dir / "metrics.json").read_text())
     classes = metrics["classes"]
     assert len(classes) == 86
     doc = parse(report_dir / "report.html")
-    assert section_ids(doc) == [s for s in SECTIONS if s != "curves"]
+    assert section_ids(doc) == [s for s in SECTIONS if s != "curves"] + list(extra)
 
     # the top 15 confused pairs, most first, two thumbnails of mistaken images each
     cm = np.asarray(metrics["confusion_matrix"])
@@ -82,7 +82,7 @@ def _check_many_class_report(model_dir, report_dir):
 
 
 def test_train_report_for_86_classes(cub_dir):
-    doc, metrics = _check_many_class_report(cub_dir, cub_dir / "report")
+    doc, metrics = _check_many_class_report(cub_dir, cub_dir / "report", ["doctor"])
     # the headline with its spread over the 3 folds, top-5 shown (86 classes)
     folds = metrics["folds"]
     assert [f["fold"] for f in folds] == [1, 2, 3]
@@ -115,7 +115,8 @@ def test_report_sections_for_every_kind(kind, request):
     model_dir = request.getfixturevalue(KINDS[kind][0])
     doc = parse(model_dir / "report" / "report.html")
     curves = kind in ("stack-mlp", "finetune")  # the kinds with epoch histories
-    assert section_ids(doc) == [s for s in SECTIONS if curves or s != "curves"]
+    doctor = ["doctor"] if kind.startswith("stack") else []  # train adds the data doctor
+    assert section_ids(doc) == [s for s in SECTIONS if curves or s != "curves"] + doctor
     head = [r[0].all_text() for r in table_rows(doc, "headline")]
     assert head == ["accuracy", "log loss", "macro F1"]  # 3 classes: top-5 means nothing
     summary = doc.find("section", id="summary").all_text()

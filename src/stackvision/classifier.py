@@ -53,6 +53,7 @@ class StackedClassifier(ModelBase):
         "pool": [Options(POOLS)],
         "class_weight": [Options(["balanced", "none"]), None],
         "calibrate": [bool],
+        "group_duplicates": [bool],
         "weights": [dict, None],
         "seed": [Interval(numbers.Integral, 0, None)],
         "runtime": [Runtime, None],
@@ -79,6 +80,7 @@ class StackedClassifier(ModelBase):
         pool: str = "avg",
         class_weight: str | None = None,
         calibrate: bool = True,
+        group_duplicates: bool = False,
         weights: dict[str, str] | None = None,
         seed: int = 0,
         runtime: Runtime | None = None,
@@ -92,6 +94,7 @@ class StackedClassifier(ModelBase):
         self.pool = pool
         self.class_weight = class_weight
         self.calibrate = calibrate
+        self.group_duplicates = group_duplicates  # near-duplicates (doctor) in one fold
         self.weights = weights
         self.seed = seed
         self.runtime = runtime
@@ -181,6 +184,11 @@ class StackedClassifier(ModelBase):
         Xs = feats.stacked()
         self.extract_stats_ = feats.stats
         cw = None if self.class_weight in (None, "none") else self.class_weight
+        groups = dups.groups
+        if self.group_duplicates:
+            from .neighbours import near_duplicate_groups
+
+            groups = near_duplicate_groups(Xs, dups.groups)
 
         val_feats = vyk = None
         if val is not None:
@@ -203,10 +211,12 @@ class StackedClassifier(ModelBase):
             calibrate=self.calibrate,
             seed=self.seed,
             progress=self._runtime().progress,
-            groups=dups.groups,
+            groups=groups,
         )
         if res.metrics is not None:
             res.metrics["duplicates"] = dups.summary()
+            if self.group_duplicates:  # how many groups the splits kept whole
+                res.metrics["duplicates"]["split_groups"] = int(groups.max(initial=-1) + 1)
         self.heads_, self.histories_, self.splits_ = res.heads, res.histories, res.splits
         self.train_paths_ = [feats.paths[i] for i in res.train_idx]
         self.train_y_ = yk[res.train_idx]

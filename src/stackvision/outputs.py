@@ -25,6 +25,7 @@ from .errors import StackvisionError
 MODEL_FORMAT = "stackvision-model"
 EVALUATION_FORMAT = "stackvision-evaluation"
 PNG_SOFTWARE = "stackvision augment-preview"
+DOCTOR_FORMAT = "stackvision-doctor"  # as doctor_output.DOCTOR_FORMAT
 SHARDS_FORMAT = "stackvision-shards-v1"  # as shards.SHARDS_FORMAT (not imported: numpy-free check)
 
 #: kind -> (is a folder, words for messages)
@@ -35,6 +36,7 @@ KINDS = {
     "csv": (False, "a predictions CSV written by stackvision"),
     "png": (False, "an augmentation preview written by stackvision"),
     "shards": (True, "a sharded feature set written by stackvision"),
+    "doctor": (True, "a stackvision doctor folder"),
 }
 
 
@@ -108,6 +110,8 @@ def is_ours(path: str, kind: str) -> bool:
         return os.path.isdir(path) and _manifest_format(path) == MODEL_FORMAT
     if kind == "evaluation":
         return os.path.isdir(path) and _manifest_format(path) == EVALUATION_FORMAT
+    if kind == "doctor":
+        return os.path.isdir(path) and _manifest_format(path, "doctor.json") == DOCTOR_FORMAT
     if kind == "shards":
         return os.path.isdir(path) and _manifest_format(path, "index.json") == SHARDS_FORMAT
     if not os.path.isfile(path):

@@ -282,7 +282,7 @@ def runtime(args, **changes) -> Runtime:
 def listing(args, data=None):
     from ..data import load_labelled
 
-    return load_labelled(
+    lst = load_labelled(
         data if data is not None else args.data,
         args.labels,
         args.images,
@@ -290,6 +290,20 @@ def listing(args, data=None):
         args.label_col,
         allow_outside=getattr(args, "allow_outside_images", False),
         skip_missing=getattr(args, "skip_missing_images", False),
+    )
+    if data is None and getattr(args, "exclude", None):  # corrections (doctor.csv, edited)
+        from ..corrections import apply_corrections
+
+        lst, args.corrections = apply_corrections(lst, args.exclude)
+    return lst
+
+
+def add_exclude(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--exclude",
+        metavar="CSV",
+        help="corrections to the data: a doctor.csv (edited) whose rows with action exclude are "
+        "left out and relabel are given suggested_label",
     )
 
 
@@ -319,7 +333,8 @@ def validation_data(args) -> tuple[list[str], list[str]] | None:
 def data_inputs(args) -> list[str | None]:
     """The input paths of a labelled-data verb (never written over)."""
     return [
-        getattr(args, n, None) for n in ("data", "labels", "images", "val", "from_shards", "models")
+        getattr(args, n, None)
+        for n in ("data", "labels", "images", "val", "from_shards", "models", "exclude")
     ]
 
 

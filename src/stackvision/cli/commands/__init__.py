@@ -8,6 +8,7 @@ VERBS = [
     "backbones",
     "extract",
     "train",
+    "doctor",
     "predict",
     "evaluate",
     "info",

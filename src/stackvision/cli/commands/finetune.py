@@ -68,6 +68,7 @@ def _unfreeze(text: str):
 
 def add_arguments(f) -> None:
     opt.add_labelled_data(f, required=False)
+    opt.add_exclude(f)
     opt.add_out(f, "MODEL", "model directory to write (its checkpoint lives in MODEL.work)")
     f.add_argument("--backbone", default="lite0", help="backbone to fine-tune (default: lite0)")
     f.add_argument(

@@ -64,6 +64,16 @@ def add_arguments(t) -> None:
         help="also report each backbone alone and the stack, with and without TTA",
     )
     t.add_argument("--seed", type=int, default=0, help="seed for splits and heads (default: 0)")
+    opt.add_exclude(t)
+    t.add_argument(
+        "--group-duplicates",
+        action="store_true",
+        help="keep near-duplicate images (as the doctor finds them) in one fold, as identical "
+        "ones always are",
+    )
+    t.add_argument(
+        "--no-doctor", action="store_true", help="no 'Data doctor' section in the report"
+    )
     t.add_argument(
         "--from-shards",
         metavar="DIR",
@@ -135,6 +145,7 @@ def run(args) -> int:
         pool=args.pool,
         class_weight=args.class_weight,
         calibrate=not args.no_calibrate,
+        group_duplicates=args.group_duplicates,
         weights=dict(args.weights or []),
         seed=args.seed,
         runtime=opt.runtime(args),
@@ -149,8 +160,13 @@ def run(args) -> int:
         f"{args.backbones}, head {args.head}, "
         f"{'folds ' + str(args.folds) if args.folds >= 2 else 'no k-fold'}, TTA {args.tta}",
     )
+    if getattr(args, "corrections", None):
+        c = args.corrections
+        say(args, f"corrections from {c['file']}: {c['excluded']} left out, {c['relabelled']} relabelled")  # fmt: skip
     model.fit(data.paths, data.labels, val=val)
     model.problems_ = data.problems + model.problems_
+    if not args.no_doctor and model.metrics_ and model.eval_:  # no report, no section
+        _doctor_section(args, model)
     path = model.save(args.out)
     st = model.extract_stats_
     report_problems(model.problems_, args)
@@ -211,14 +227,32 @@ def _apply_preset(args) -> None:
     args.tta = args.tta or preset["tta"]
 
 
+def _doctor_section(args, model) -> None:
+    """The doctor on the fitted model's features: a report section, a one-line summary."""
+    from ...doctor import from_model
+    from ...doctor_output import csv_text, report_section
+
+    d = from_model(model)
+    sec = report_section(d)
+    sec.files["doctor.csv"] = csv_text(d).encode("utf-8")
+    model.report_sections = [sec]
+    s = d.summary()
+    say(args, f"data doctor: {s['label_issues']} likely label error(s), {s['leaks']} train/val "
+              f"leak(s), {s['duplicate_groups']} near-duplicate group(s), {s['outliers']} "
+              "outlier(s) (report section 'Data doctor', report/doctor.csv)")  # fmt: skip
+    if d.leaks:
+        say(args, f"LEAKS: {len(d.leaks)} near-duplicate group(s) across the training data and "
+                  "--val: the --val scores are inflated (see `stackvision doctor`)")  # fmt: skip
+
+
 def _run_shards(args) -> int:
     from ...metrics import summary_row
     from ...streaming import train_from_shards
 
-    if args.data or args.labels or args.val:
+    if args.data or args.labels or args.val or args.exclude or args.group_duplicates:
         raise StackvisionError(
             "--from-shards trains on the shards' features and labels only",
-            "drop DATA/--labels/--val (or drop --from-shards)",
+            "drop DATA/--labels/--val/--exclude/--group-duplicates (or drop --from-shards)",
         )
     if args.folds not in (0, 5) or args.compare:
         raise StackvisionError(
