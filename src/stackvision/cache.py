@@ -26,6 +26,7 @@ import numpy as np
 
 from .atomic import atomic_open
 from .errors import StackvisionError
+from .readout import of as readout_of
 
 CACHE_FORMAT = "features-v1"
 VIEWS = ("orig", "flip")
@@ -140,6 +141,6 @@ def store_fields(spec, pool: str, numbers: str) -> dict:
         "architecture": spec.architecture,
         "weights": spec.weights_id,
         "preprocess": spec.preprocess.to_dict(),
-        "pool": pool,
+        "pool": readout_of(spec, pool),
         "numbers": numbers,
     }

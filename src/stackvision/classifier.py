@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .backbones import DEFAULT_STACK, POOLS, BackboneSpec, resolve, saved_spec
+from .backbones import DEFAULT_STACK, BackboneSpec, resolve, saved_spec
 from .base import ModelBase, Predictions, largest_input
 from .cache import FeatureCache
 from .data import check_trainable
@@ -24,6 +24,7 @@ from .metrics import summary_row
 from .model_dir import read_manifest, read_tensors
 from .params import Interval, InvalidParameter, Options
 from .preprocess import Preprocess
+from .readout import PoolOption, expand_named
 from .runners import extract_features
 from .runtime import Runtime
 from .validation import TTA_MODES, apply_temperature, ensemble_proba, fit_stack_heads
@@ -50,7 +51,7 @@ class StackedClassifier(ModelBase):
         "folds": [Interval(numbers.Integral, 2, None), Options([0])],
         "val_split": [Interval(numbers.Real, 0, 1, "neither"), None],
         "tta": [Options(TTA_MODES)],
-        "pool": [Options(POOLS)],
+        "pool": [PoolOption()],
         "class_weight": [Options(["balanced", "none"]), None],
         "calibrate": [bool],
         "weights": [dict, None],
@@ -110,7 +111,7 @@ class StackedClassifier(ModelBase):
     def _backbone_names(self) -> list[str]:
         b = self.backbones
         names = [n.strip() for n in b.split(",")] if isinstance(b, str) else list(b)
-        return list(dict.fromkeys(n for n in names if n))
+        return list(dict.fromkeys(n for n in expand_named(names) if n))
 
     @property
     def _views(self) -> tuple[str, ...]:
@@ -126,7 +127,7 @@ class StackedClassifier(ModelBase):
         return self._precision or self._runtime().precision or "fp32"
 
     def _specs(self) -> list[BackboneSpec]:
-        return [resolve(n, self.weights) for n in self._backbone_names()]
+        return [resolve(n, self.weights, self.pool) for n in self._backbone_names()]
 
     def _features(self, paths: Sequence[str]) -> Features:
         rt = self._runtime()
