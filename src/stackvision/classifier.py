@@ -19,6 +19,7 @@ from .data import check_trainable
 from .duplicates import find_duplicates
 from .errors import StackvisionError
 from .extract import Features
+from .head_select import choose_head
 from .heads import HEADS, make_head
 from .metrics import summary_row
 from .model_dir import read_manifest, read_tensors
@@ -46,7 +47,7 @@ class StackedClassifier(ModelBase):
     _fitted_attribute = "temperature_"
     _parameter_constraints = {
         "backbones": [str, list, tuple],
-        "head": [Options(HEADS)],
+        "head": [Options((*HEADS, "auto"))],
         "head_params": [dict, None],
         "folds": [Interval(numbers.Integral, 2, None), Options([0])],
         "val_split": [Interval(numbers.Real, 0, 1, "neither"), None],
@@ -106,12 +107,20 @@ class StackedClassifier(ModelBase):
                 f"e.g. {list(DEFAULT_STACK)}",
                 "StackedClassifier",
             )
-        make_head(self.head, self.head_params)  # validates head_params
+        if self.head == "auto" and self.head_params:
+            raise InvalidParameter("head_params", self.head_params, "None with head='auto'",
+                                   "leave them out", "StackedClassifier")  # fmt: skip
+        make_head(self._head_kind, self.head_params)  # validates head_params
 
     def _backbone_names(self) -> list[str]:
         b = self.backbones
         names = [n.strip() for n in b.split(",")] if isinstance(b, str) else list(b)
         return list(dict.fromkeys(n for n in expand_named(names) if n))
+
+    @property
+    def _head_kind(self) -> str:
+        """The head trained: ``head``, or with ``head="auto"`` the one fit chose."""
+        return self.__dict__.get("head_kind_") or ("logreg" if self.head == "auto" else self.head)
 
     @property
     def _views(self) -> tuple[str, ...]:
@@ -189,9 +198,13 @@ class StackedClassifier(ModelBase):
             self.problems_ += val_feats.problems
             vyk = np.asarray([index[vy[i]] for i in val_feats.index], np.int64)
 
+        self.head_kind_, self.head_params_, self.head_selection_ = choose_head(
+            self.head, self.head_params, Xs, yk, len(self.classes_), n_views=self.n_views_,
+            groups=dups.groups, class_weight=cw, seed=self.seed, progress=self._runtime().progress,
+        )  # fmt: skip
         res = fit_stack_heads(
-            self.head,
-            self.head_params,
+            self.head_kind_,
+            self.head_params_,
             Xs,
             yk,
             self.classes_,
@@ -207,6 +220,8 @@ class StackedClassifier(ModelBase):
         )
         if res.metrics is not None:
             res.metrics["duplicates"] = dups.summary()
+            if self.head_selection_:
+                res.metrics["head_selection"] = self.head_selection_
         self.heads_, self.histories_, self.splits_ = res.heads, res.histories, res.splits
         self.train_paths_ = [feats.paths[i] for i in res.train_idx]
         self.train_y_ = yk[res.train_idx]
@@ -340,7 +355,11 @@ class StackedClassifier(ModelBase):
             ],
             "views": list(self._views),
             "tta": self.tta,
-            "head": {"kind": self.head, "params": make_head(self.head, self.head_params).params},
+            "head": {
+                "kind": self._head_kind,
+                "params": make_head(self._head_kind, self.__dict__.get("head_params_")).params,
+                **({"selected_by": "auto"} if self.head == "auto" else {}),
+            },
             "folds": self.folds,
             "n_heads": len(self.heads_),
             "temperature": self.temperature_,
@@ -371,7 +390,7 @@ class StackedClassifier(ModelBase):
             self.manifest_ or self._manifest(),  # a loaded model keeps its own
             self._tensors(),
             histories=self.histories_,
-            title=f"stackvision model: {'+'.join(s.name for s in self.specs_)} / {self.head}",
+            title=f"stackvision model: {'+'.join(s.name for s in self.specs_)} / {self._head_kind}",
             report=report,
         )
 
