@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -46,7 +47,6 @@ ROWS = [
     ("lite0@256", ["lite0@256"], "avg", "logreg"),
     ("lite0@256 gem+mid2", ["lite0@256"], "gem+mid2", "logreg"),
     ("lite0 head auto", ["lite0"], "avg", "auto"),
-    ("lite0@256 gem+mid2, head auto", ["lite0@256"], "gem+mid2", "auto"),
     ("stack (default: lite0,lite1,lite2 avg)", list(DEFAULT_STACK), "avg", "logreg"),
     ("stack, head auto", list(DEFAULT_STACK), "avg", "auto"),
     ("fine-grained (@256/272/288 gem+mid2)", list(FINE_GRAINED), "avg", "logreg"),
@@ -123,23 +123,31 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--cache", default=None, help="feature cache (fill it first, see above)")
     ap.add_argument("--data", nargs="+", default=["cub86", "flowers5"])
-    ap.add_argument("--only", help="only rows whose label contains this text")
+    ap.add_argument("--only", help="only rows whose label matches this regular expression")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--redo", action="store_true", help="measure again rows already in --json")
     ap.add_argument("--out", help="markdown file for the section (default: BENCHMARKS.md)")
     ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results",
                                                    "accuracy_features.json"))  # fmt: skip
     args = ap.parse_args(argv)
-    rows = [r for r in ROWS if not args.only or args.only in r[0]]
+    rows = [r for r in ROWS if not args.only or re.search(args.only, r[0])]
     data = datasets(args.data)
+    old = {}
+    if os.path.exists(args.json) and not args.redo:  # rows already measured are kept
+        with open(args.json) as fh:
+            old = json.load(fh)
+    done = {r["row"]: r for r in old.get("rows", [])}
     load0 = os.getloadavg()
-    results = []
     for row in rows:
-        res = {"row": row[0], "backbones": row[1], "pool": row[2], "head": row[3]}
+        res = done.setdefault(row[0], {"row": row[0]})
+        res.update(backbones=row[1], pool=row[2], head=row[3])
         for name, d in data.items():
-            res[name] = score(row, d, args.cache)
-            print(row[0], name, res[name], flush=True)
-        results.append(res)
-    cost = {}
+            if name not in res:
+                res[name] = score(row, d, args.cache)
+                print(row[0], name, res[name], flush=True)
+                _save(args.json, {**old, "rows": _ordered(done)})
+    results = _ordered(done)
+    cost = old.get("extraction_ms_per_image", {})
     if not args.no_timing:
         pairs = [("lite0", "avg"), ("lite0", "gem"), ("lite0", "avg+mid2"), ("lite0", "gem+mid2"),
                  ("lite0@256", "avg"), ("lite0@256", "gem+mid2"), ("lite1", "avg"),
@@ -149,15 +157,25 @@ def main(argv=None):
     load1 = os.getloadavg()
     doc = {"machine": machine(), "date": today(), "load": [load0, load1], "rows": results,
            "extraction_ms_per_image": cost}  # fmt: skip
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as fh:
-        json.dump(doc, fh, indent=1)
+    _save(args.json, doc)
     body = render(doc, " ".join(sys.argv))
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(body)
     else:
         write_section("features", body)
+
+
+def _ordered(done: dict) -> list[dict]:
+    order = [r[0] for r in ROWS]
+    return sorted(done.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else 99)
+
+
+def _save(path: str, doc: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(doc, fh, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def render(doc, command) -> str:
