@@ -172,7 +172,14 @@ def _ordered(done: dict) -> list[dict]:
 
 
 def _save(path: str, doc: dict) -> None:
+    """Write ``doc``, keeping rows/datasets another run of this script wrote meanwhile."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+        with open(path) as fh:
+            disk = {r["row"]: r for r in json.load(fh).get("rows", [])}
+        for r in doc["rows"]:
+            disk[r["row"]] = {**disk.get(r["row"], {}), **r}
+        doc = {**doc, "rows": _ordered(disk)}
     with open(path + ".tmp", "w") as fh:
         json.dump(doc, fh, indent=1)
     os.replace(path + ".tmp", path)
