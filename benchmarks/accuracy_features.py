@@ -49,6 +49,7 @@ ROWS = [
     ("lite0 head auto", ["lite0"], "avg", "auto"),
     ("stack (default: lite0,lite1,lite2 avg)", list(DEFAULT_STACK), "avg", "logreg"),
     ("stack, head auto", list(DEFAULT_STACK), "avg", "auto"),
+    ("stack gem+mid2 (native sizes)", list(DEFAULT_STACK), "gem+mid2", "logreg"),
     ("fine-grained (@256/272/288 gem+mid2)", list(FINE_GRAINED), "avg", "logreg"),
     ("fine-grained, head auto", list(FINE_GRAINED), "avg", "auto"),
 ]
