@@ -95,7 +95,7 @@ def score(row, data, cache):
     }
 
 
-def extraction_cost(names, pools, n=32, repeats=3):
+def extraction_cost(names, pools, cache=None, n=32, repeats=3):
     """In-loop ms/image (OpenVINO fp32, batch n, best of ``repeats``) per (name, pool)."""
     from PIL import Image
 
@@ -106,7 +106,7 @@ def extraction_cost(names, pools, n=32, repeats=3):
     for name, pool in zip(names, pools):
         spec = resolve(name, pool=pool)
         batch = np.stack([spec.preprocess.to_uint8(Image.open(p).convert("RGB")) for p in cub])
-        eng = create_engine(spec, pool=pool, engine="openvino")
+        eng = create_engine(spec, pool=pool, engine="openvino", cache_dir=cache)
         eng.features(batch)
         best = min(_timed(eng.features, batch) for _ in range(repeats))
         out[f"{name} {pool}"] = round(1000 * best / n, 2)
@@ -153,7 +153,7 @@ def main(argv=None):
         pairs = [("lite0", "avg"), ("lite0", "gem"), ("lite0", "avg+mid2"), ("lite0", "gem+mid2"),
                  ("lite0@256", "avg"), ("lite0@256", "gem+mid2"), ("lite1", "avg"),
                  ("lite1@272", "gem+mid2"), ("lite2", "avg"), ("lite2@288", "gem+mid2")]  # fmt: skip
-        cost = extraction_cost([p[0] for p in pairs], [p[1] for p in pairs])
+        cost = extraction_cost([p[0] for p in pairs], [p[1] for p in pairs], args.cache)
         print(cost)
     load1 = os.getloadavg()
     doc = {"machine": machine(), "date": today(), "load": [load0, load1], "rows": results,
