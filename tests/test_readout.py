@@ -142,8 +142,12 @@ def test_select_head_prefers_a_larger_c_on_separable_features(flowers_small, cac
     assert min(r["accuracy"] for r in noise["tried"]) < 0.7
 
 
-def test_named_stack_and_parse():
+def test_named_stack_and_parse(capsys):
     assert expand_named(["fine-grained"]) == list(FINE_GRAINED)
+    assert main(["backbones", "fine-grained"]) == 0
+    out = capsys.readouterr().out
+    assert "lite0@256+gem+mid2" in out and "lite2@288+gem+mid2" in out and " 288 " in out
+    assert " 1752 " in out  # lite2: 1280 + 120 + 352
     assert parse_readout("GEM+mid2").text == "gem+mid2" and parse_readout("mid1").text == "avg+mid1"
     for bad in ("lite0@abc", "lite0@16", "lite0+bogus", "lite0+gem+mid9", "lite0+"):
         with pytest.raises(StackvisionError):
