@@ -228,8 +228,19 @@ def render(doc, command) -> str:
             "same process):",
             "",
             md_table(cost_rows, list(cost_rows[0])) if cost_rows else "(not measured)",
+            "",
+            _notes(),
         ]
     )
+
+
+def _notes() -> str:
+    """Findings written by a person after reading the tables (kept beside the JSON)."""
+    path = os.path.join(ROOT, "benchmarks", "results", "accuracy_features_notes.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as fh:
+        return fh.read().strip()
 
 
 if __name__ == "__main__":
