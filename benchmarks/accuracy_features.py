@@ -152,7 +152,8 @@ def main(argv=None):
     if not args.no_timing:
         pairs = [("lite0", "avg"), ("lite0", "gem"), ("lite0", "avg+mid2"), ("lite0", "gem+mid2"),
                  ("lite0@256", "avg"), ("lite0@256", "gem+mid2"), ("lite1", "avg"),
-                 ("lite1@272", "gem+mid2"), ("lite2", "avg"), ("lite2@288", "gem+mid2")]  # fmt: skip
+                 ("lite1", "gem+mid2"), ("lite1@272", "gem+mid2"), ("lite2", "avg"),
+                 ("lite2", "gem+mid2"), ("lite2@288", "gem+mid2")]  # fmt: skip
         cost = extraction_cost([p[0] for p in pairs], [p[1] for p in pairs], args.cache)
         print(cost)
     load1 = os.getloadavg()
