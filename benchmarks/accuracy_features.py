@@ -109,8 +109,21 @@ def extraction_cost(names, pools, cache=None, n=32, repeats=3):
         eng = create_engine(spec, pool=pool, engine="openvino", cache_dir=cache)
         eng.features(batch)
         best = min(_timed(eng.features, batch) for _ in range(repeats))
-        out[f"{name} {pool}"] = round(1000 * best / n, 2)
+        out[f"{name} {pool}"] = {"ms": round(1000 * best / n, 2), "gflops": _gflops(spec, pool)}
     return out
+
+
+def _gflops(spec, pool) -> float:
+    """Forward FLOPs of one image (torch's FlopCounterMode): a load-independent cost."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stackvision.backbones import build_model
+
+    model, s = build_model(spec, pool), spec.preprocess.input_size
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(torch.zeros(1, 3, s, s))
+    return round(fc.get_total_flops() / 1e9, 3)
 
 
 def _timed(fn, x):
@@ -203,16 +216,21 @@ def render(doc, command) -> str:
         line["head"] = next(r[ds]["head"] for ds in ("cub86", "flowers5") if ds in r)
         table.append(line)
     cost = doc["extraction_ms_per_image"]
-    ref = {k.split("@")[0].split(" ")[0]: v for k, v in cost.items() if k.endswith(" avg")
-           and "@" not in k}  # fmt: skip
-    cost_rows = [{"backbone readout": k, "ms/img (in-loop)": v,
-                  "x plain": f"{v / ref[k.split('@')[0].split(' ')[0]]:.2f}"}
-                 for k, v in cost.items()]  # fmt: skip
+
+    def plain(k):  # "lite1@272 gem+mid2" -> "lite1 avg"
+        return k.split("@")[0].split(" ")[0] + " avg"
+
+    cost_rows = [
+        {"backbone readout": k, "GFLOPs/img": v["gflops"], "x plain (FLOPs)":
+         f"{v['gflops'] / cost[plain(k)]['gflops']:.2f}", "ms/img in-loop (loaded)": v["ms"],
+         "x plain (ms)": f"{v['ms'] / cost[plain(k)]['ms']:.2f}"}
+        for k, v in cost.items() if isinstance(v, dict)
+    ]  # fmt: skip
     return "\n".join(
         [
             "## Better frozen features (issue 12, points 1-4): readout, input size, head auto",
             "",
-            f"Machine: {doc['machine']}. Date {doc['date']}. Load average (1/5/15 min) at start "
+            f"Machine: {doc['machine']}; CPU flags include {_flags()}. Date {doc['date']}. Load average (1/5/15 min) at start "
             f"{'/'.join(f'{x:.1f}' for x in doc['load'][0])}, at end "
             f"{'/'.join(f'{x:.1f}' for x in doc['load'][1])} (the machine is shared).",
             f"Command: `{command}` (cache filled first with `stackvision extract DATA --backbones B "
@@ -220,19 +238,30 @@ def render(doc, command) -> str:
             "",
             "One view (no flip TTA), 5-fold logreg heads (C 0.02) unless `head auto`, temperature "
             "calibrated; cub86: train -> val (2,496 images); flowers5: stratified 70/30 split, seed 0 "
-            "(1,296 test images). Δacc: points vs the first row.",
+            "(1,295 test images). Δacc: points vs the first row.",
             "",
             md_table(table, list(table[0])),
             "",
-            "Extraction cost per backbone configuration (in-loop, OpenVINO fp32, batch 32, best of 3;"
-            " x plain = ratio to the same backbone at its own size with avg pooling, measured in the "
-            "same process):",
+            "Extraction cost per backbone configuration: forward FLOPs of one image (torch "
+            "FlopCounterMode, independent of load) and in-loop time (OpenVINO fp32, batch 32 of "
+            "decoded cub86 images, best of 3, all in one process; the machine was loaded, so the "
+            "times are noisy). x plain = ratio to the same backbone at its own size, avg pooling:",
             "",
             md_table(cost_rows, list(cost_rows[0])) if cost_rows else "(not measured)",
             "",
             _notes(),
         ]
     )
+
+
+def _flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next(line for line in fh if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    keep = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return ", ".join(f for f in keep if f in flags) or "none of avx2/avx512"
 
 
 def _notes() -> str:
