@@ -19,11 +19,14 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from . import readout
 from .errors import StackvisionError
 from .preprocess import Preprocess
 
 POOLS = ("avg", "max", "avgmax")
 DEFAULT_STACK = ("lite0", "lite1", "lite2")
+# larger inputs, GeM pooling and mid-level stages (readout.py; BENCHMARKS.md "features")
+FINE_GRAINED = ("lite0@256+gem+mid2", "lite1@272+gem+mid2", "lite2@288+gem+mid2")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class BackboneSpec:
     feature_dim: int
     weights_path: str | None = None  # embedded package file or user-supplied checkpoint
     description: str = ""
+    readout: str | None = None  # readout.py: "gem+mid2" etc.; None = the stack's plain pool
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -58,6 +62,7 @@ class BackboneSpec:
             "weights_id": self.weights_id,
             "feature_dim": self.feature_dim,
             "preprocess": self.preprocess.to_dict(),
+            **({"readout": self.readout} if self.readout else {}),
         }
 
 
@@ -71,7 +76,7 @@ def saved_spec(record: dict, weights: dict[str, str] | None = None) -> BackboneS
     name = record["name"]
     path = (weights or {}).get(name) or record.get("weights_path")
     if path is None and record.get("source") == "embedded":
-        path = _embedded_path(name)
+        path = _embedded_path(readout.base_name(name))
     return BackboneSpec(
         name=name,
         architecture=record["architecture"],
@@ -79,6 +84,7 @@ def saved_spec(record: dict, weights: dict[str, str] | None = None) -> BackboneS
         preprocess=Preprocess.from_dict(record["preprocess"]),
         feature_dim=int(record["feature_dim"]),
         weights_path=path,
+        readout=record.get("readout"),
     )
 
 
@@ -179,11 +185,19 @@ def _in_hub_cache(architecture: str) -> bool:
         return False
 
 
-def resolve(name: str, weights: dict[str, str] | None = None) -> BackboneSpec:
+def resolve(name: str, weights: dict[str, str] | None = None, pool: str = "avg") -> BackboneSpec:
     """Turn a user-facing backbone name into a :class:`BackboneSpec`.
 
     ``weights`` maps backbone names to local checkpoint files, overriding the default source.
+    ``NAME@SIZE+READOUT`` and a ``pool`` other than a plain one: see :mod:`stackvision.readout`.
     """
+    base, size, ro = readout.split_name(name)
+    spec = _resolve(base, weights)
+    full = spec.name + (f"@{size}" if size else "") + (f"+{ro}" if ro else "")
+    return readout.adjust(spec, full, size, ro, pool)
+
+
+def _resolve(name: str, weights: dict[str, str] | None = None) -> BackboneSpec:
     weights = weights or {}
     raw = name.strip()
     key = raw.lower()
@@ -258,9 +272,8 @@ def build_model(spec: BackboneSpec, pool: str = "avg"):
     import timm
     import torch
 
-    if pool not in POOLS:
-        raise StackvisionError(f"unknown pooling '{pool}'", f"use one of {', '.join(POOLS)}")
-    kwargs = {"num_classes": 0, "global_pool": pool}
+    ro = readout.of(spec, pool)
+    kwargs = {"num_classes": 0, "global_pool": readout.timm_pool(ro)}
     try:
         if spec.source == "embedded":
             model = timm.create_model(spec.architecture, pretrained=False, **kwargs)
@@ -305,7 +318,7 @@ def build_model(spec: BackboneSpec, pool: str = "avg"):
             f"could not load weights for backbone '{spec.name}' ({spec.architecture}): {exc}",
             "check that the checkpoint was saved from this architecture",
         ) from None
-    return frozen(model)
+    return frozen(model if kwargs["global_pool"] else readout.wrap(model, ro))
 
 
 def frozen(model):

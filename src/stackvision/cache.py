@@ -28,6 +28,7 @@ import numpy as np
 
 from .atomic import atomic_open
 from .errors import StackvisionError
+from .readout import of as readout_of
 
 CACHE_FORMAT = "features-v1"
 VIEWS = ("orig", "flip")
@@ -144,7 +145,7 @@ def store_fields(spec, pool: str, numbers: str, pixels: str = "pil") -> dict:
         "architecture": spec.architecture,
         "weights": spec.weights_id,
         "preprocess": spec.preprocess.to_dict(),
-        "pool": pool,
+        "pool": readout_of(spec, pool),
         "numbers": numbers,
     }
     if pixels != "pil":

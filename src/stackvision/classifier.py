@@ -12,18 +12,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .backbones import DEFAULT_STACK, POOLS, BackboneSpec, resolve, saved_spec
+from .backbones import DEFAULT_STACK, BackboneSpec, resolve, saved_spec
 from .base import ModelBase, Predictions, largest_input
 from .cache import FeatureCache
 from .data import check_trainable
 from .duplicates import find_duplicates
 from .errors import StackvisionError
 from .extract import Features
+from .head_select import choose_head
 from .heads import HEADS, make_head
 from .metrics import summary_row
 from .model_dir import read_manifest, read_tensors
 from .params import Interval, InvalidParameter, Options
 from .preprocess import Preprocess
+from .readout import PoolOption, expand_named
 from .runners import extract_features
 from .runtime import Runtime
 from .validation import TTA_MODES, apply_temperature, ensemble_proba, fit_stack_heads
@@ -45,12 +47,12 @@ class StackedClassifier(ModelBase):
     _fitted_attribute = "temperature_"
     _parameter_constraints = {
         "backbones": [str, list, tuple],
-        "head": [Options(HEADS)],
+        "head": [Options((*HEADS, "auto"))],
         "head_params": [dict, None],
         "folds": [Interval(numbers.Integral, 2, None), Options([0])],
         "val_split": [Interval(numbers.Real, 0, 1, "neither"), None],
         "tta": [Options(TTA_MODES)],
-        "pool": [Options(POOLS)],
+        "pool": [PoolOption()],
         "class_weight": [Options(["balanced", "none"]), None],
         "calibrate": [bool],
         "group_duplicates": [bool],
@@ -108,12 +110,20 @@ class StackedClassifier(ModelBase):
                 f"e.g. {list(DEFAULT_STACK)}",
                 "StackedClassifier",
             )
-        make_head(self.head, self.head_params)  # validates head_params
+        if self.head == "auto" and self.head_params:
+            raise InvalidParameter("head_params", self.head_params, "None with head='auto'",
+                                   "leave them out", "StackedClassifier")  # fmt: skip
+        make_head(self._head_kind, self.head_params)  # validates head_params
 
     def _backbone_names(self) -> list[str]:
         b = self.backbones
         names = [n.strip() for n in b.split(",")] if isinstance(b, str) else list(b)
-        return list(dict.fromkeys(n for n in names if n))
+        return list(dict.fromkeys(n for n in expand_named(names) if n))
+
+    @property
+    def _head_kind(self) -> str:
+        """The head trained: ``head``, or with ``head="auto"`` the one fit chose."""
+        return self.__dict__.get("head_kind_") or ("logreg" if self.head == "auto" else self.head)
 
     @property
     def _views(self) -> tuple[str, ...]:
@@ -129,7 +139,7 @@ class StackedClassifier(ModelBase):
         return self._precision or self._runtime().precision or "fp32"
 
     def _specs(self) -> list[BackboneSpec]:
-        return [resolve(n, self.weights) for n in self._backbone_names()]
+        return [resolve(n, self.weights, self.pool) for n in self._backbone_names()]
 
     def _features(self, paths: Sequence[str]) -> Features:
         rt = self._runtime()
@@ -197,9 +207,13 @@ class StackedClassifier(ModelBase):
             self.problems_ += val_feats.problems
             vyk = np.asarray([index[vy[i]] for i in val_feats.index], np.int64)
 
+        self.head_kind_, self.head_params_, self.head_selection_ = choose_head(
+            self.head, self.head_params, Xs, yk, len(self.classes_), n_views=self.n_views_,
+            groups=groups, class_weight=cw, seed=self.seed, progress=self._runtime().progress,
+        )  # fmt: skip
         res = fit_stack_heads(
-            self.head,
-            self.head_params,
+            self.head_kind_,
+            self.head_params_,
             Xs,
             yk,
             self.classes_,
@@ -217,6 +231,8 @@ class StackedClassifier(ModelBase):
             res.metrics["duplicates"] = dups.summary()
             if self.group_duplicates:  # how many groups the splits kept whole
                 res.metrics["duplicates"]["split_groups"] = int(groups.max(initial=-1) + 1)
+            if self.head_selection_:
+                res.metrics["head_selection"] = self.head_selection_
         self.heads_, self.histories_, self.splits_ = res.heads, res.histories, res.splits
         self.train_paths_ = [feats.paths[i] for i in res.train_idx]
         self.train_y_ = yk[res.train_idx]
@@ -265,43 +281,19 @@ class StackedClassifier(ModelBase):
 
         Runs the same engines and heads as :meth:`predict_paths`, without the feature cache.
         """
-        from .engines import Calibration, create_engine
-        from .export import check_uint8_batch, resize_uint8
+        from .export import check_uint8_batch
+        from .stack_forward import uint8_features
 
         self.check_is_fitted()
         batch = check_uint8_batch(batch, self.input_preprocess().input_size)
         if not len(batch):
             return np.zeros((0, len(self.classes_)), np.float32)
-        rt = self._runtime()
         engines = self.__dict__.setdefault("_engines", {})
-        blocks = []
-        for spec in self.specs_:
-            key = (spec.name, rt)
-            if key not in engines:
-                calib = self.calibration_
-                engines[key] = create_engine(
-                    spec,
-                    pool=self.pool,
-                    engine=rt.engine,
-                    device=rt.device,
-                    precision=self.precision_,
-                    cache_dir=FeatureCache(rt.cache_dir).base,
-                    calibration=Calibration(calib[spec.name]) if calib else None,
-                )
-            pp = spec.preprocess
-            x = resize_uint8(batch, pp.input_size, pp.interpolation)
-            if pp.channel_order == "BGR":  # engines take the backbone's order (Normalize(pp))
-                x = x[..., ::-1]
-            # Every view in one engine call (one image + its flip: one batch of 2, not 2 of 1).
-            v = np.concatenate([x, x[:, :, ::-1]][: self.n_views_])
-            n, bs = len(batch), rt.batch_size * self.n_views_
-            parts = [
-                engines[key].features(np.ascontiguousarray(v[i : i + bs]))
-                for i in range(0, len(v), bs)
-            ]
-            f = np.concatenate(parts)
-            blocks.append(f.reshape(self.n_views_, n, -1).transpose(1, 0, 2).astype(np.float32))
-        return self.predict_features(np.concatenate(blocks, axis=-1))
+        feats = uint8_features(
+            batch, self.specs_, self._runtime(), engines, pool=self.pool,
+            precision=self.precision_, calibration=self.calibration_, n_views=self.n_views_,
+        )  # fmt: skip
+        return self.predict_features(feats)
 
     def to_torch_module(self):
         """One ``torch.nn.Module``: uint8 RGB NHWC batch at ``input_preprocess()`` size ->
@@ -353,7 +345,11 @@ class StackedClassifier(ModelBase):
             ],
             "views": list(self._views),
             "tta": self.tta,
-            "head": {"kind": self.head, "params": make_head(self.head, self.head_params).params},
+            "head": {
+                "kind": self._head_kind,
+                "params": make_head(self._head_kind, self.__dict__.get("head_params_")).params,
+                **({"selected_by": "auto"} if self.head == "auto" else {}),
+            },
             "folds": self.folds,
             "n_heads": len(self.heads_),
             "temperature": self.temperature_,
@@ -384,7 +380,7 @@ class StackedClassifier(ModelBase):
             self.manifest_ or self._manifest(),  # a loaded model keeps its own
             self._tensors(),
             histories=self.histories_,
-            title=f"stackvision model: {'+'.join(s.name for s in self.specs_)} / {self.head}",
+            title=f"stackvision model: {'+'.join(s.name for s in self.specs_)} / {self._head_kind}",
             report=report,
         )
 

@@ -40,7 +40,7 @@ def compare_table(model) -> list[dict]:
         X = feats.stacked(cfg)
         for nv in view_opts:
             res = cross_validate(
-                model.head, model.head_params, X, y, n_classes, splits, nv, cw, model.seed
+                model.head_kind_, model.head_params_, X, y, n_classes, splits, nv, cw, model.seed
             )
             t = fit_temperature(res.oof_proba, y[res.oof_index]) if model.calibrate else 1.0
             m = classification_metrics(

@@ -207,10 +207,10 @@ def manifest_tables() -> dict[str, Obj]:
     from dataclasses import fields
 
     from .augment import Augment
-    from .backbones import POOLS
     from .engines import PRECISIONS
     from .ensemble_methods import METHODS
     from .heads import HEADS
+    from .readout import PoolOption
     from .validation import TTA_MODES
 
     rgb = ListOf(float, "a list of 3 numbers", 3, max_len=3)
@@ -229,7 +229,7 @@ def manifest_tables() -> dict[str, Obj]:
     backbone = {
         "name": Text(),
         "architecture": Text(),
-        "pool": Options(POOLS),
+        "pool": PoolOption(),
         "feature_dim": POSITIVE_INT,
     }
     source = Options(("embedded", "timm", "file"))

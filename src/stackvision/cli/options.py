@@ -76,7 +76,9 @@ def parse_value(v: str):
 
 
 def backbone_list(text: str) -> list[str]:
-    return [b.strip() for b in text.split(",") if b.strip()]
+    from ..readout import expand_named  # --backbones fine-grained
+
+    return expand_named([b.strip() for b in text.split(",") if b.strip()])
 
 
 def add_numbers(p: argparse.ArgumentParser, rows) -> None:
@@ -130,13 +132,14 @@ def add_backbone_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backbones",
         default=",".join(DEFAULT_STACK),
-        help=f"comma-separated backbones to stack (default: {','.join(DEFAULT_STACK)})",
+        help=f"comma-separated backbones to stack, NAME[@SIZE][+READOUT] (e.g. lite0@256+gem),"
+        f" or fine-grained (default: {','.join(DEFAULT_STACK)})",
     )
     p.add_argument(
         "--pool",
         default="avg",
-        choices=["avg", "max", "avgmax"],
-        help="global pooling of the last feature map (default: avg)",
+        help="readout of each backbone: avg, max, avgmax or gem pooling of the last feature map,"
+        " +midN to add the last N stages, e.g. gem+mid2 (default: avg)",
     )
     add_weights(p)
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import readout
 from ..atomic import atomic_open
 from ..backbones import BackboneSpec
 from ..errors import StackvisionError
@@ -69,7 +70,7 @@ def export_fields(spec: BackboneSpec, pool: str) -> dict:
         "architecture": spec.architecture,
         "weights": spec.weights_id,
         "preprocess": spec.preprocess.to_dict(),
-        "pool": pool,
+        "pool": readout.of(spec, pool),
     }
 
 

@@ -125,7 +125,7 @@ class _BackboneActor:
             import torch
 
             torch.set_num_threads(int(threads))
-        spec = resolve(name, {name: weights_path} if source == "file" else None)
+        spec = resolve(name, {name: weights_path} if source == "file" else None, pool)
         if spec.weights_id != weights_id:
             raise StackvisionError(
                 f"backbone '{name}' has other weights on Ray node {os.uname().nodename} "

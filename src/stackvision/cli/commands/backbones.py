@@ -19,8 +19,10 @@ def add_arguments(b) -> None:
 
 def run(args) -> int:
     from ...backbones import list_backbones, resolve
+    from ...readout import expand_named
 
-    specs = [resolve(n) for n in args.names] if args.names else list_backbones()
+    names = expand_named(args.names)  # lite0@256+gem+mid2, fine-grained
+    specs = [resolve(n) for n in names] if names else list_backbones()
     rows = [
         {
             "name": s.name,

@@ -56,7 +56,8 @@ def run(args) -> int:
             flag="--export-shards",
         )
     data = opt.labelled_or_images(args)
-    specs = [resolve(b, dict(args.weights or [])) for b in opt.backbone_list(args.backbones)]
+    weights = dict(args.weights or [])
+    specs = [resolve(b, weights, args.pool) for b in opt.backbone_list(args.backbones)]
     views = ("orig", "flip") if args.tta == "flip" else ("orig",)
     precision = rt.precision or "fp32"
     cache = FeatureCache(rt.cache_dir)

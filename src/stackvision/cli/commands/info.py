@@ -64,6 +64,7 @@ def describe(path: str) -> dict:
     if kind == "stack":
         out["backbones"] = [
             {k: b.get(k) for k in ("name", "architecture", "weights_id", "feature_dim", "pool")}
+            | {"pool": b.get("readout") or b.get("pool")}  # readout.py: its own wins
             | {"preprocess": _pp(b.get("preprocess"))}
             for b in m["backbones"]
         ]
