@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from stackvision.backbones import _EMBEDDED, _describe_timm, resolve
+from stackvision import readout
+from stackvision.backbones import _EMBEDDED, FINE_GRAINED, _describe_timm, resolve
 from stackvision.cli import main
 from stackvision.export import ResizeUint8, resize_matrix, resize_taps, resize_uint8
 from stackvision.preprocess import Preprocess
@@ -36,19 +37,29 @@ def test_embedded_backbones_resolve_to_timms_own_config(name):
     spec = resolve(name)
     assert spec.preprocess == Preprocess.from_timm_cfg(cfg)
     assert spec.feature_dim == dim
+    # the stage widths kept as data give the dims a meta-device forward of the network gives
+    arch = _EMBEDDED[name][0]
+    for ro in ("gem+mid1", "avg+mid2", "max+mid3", "avgmax+mid4", "gem"):
+        readout.feature_dim.cache_clear()
+        table = readout.feature_dim(arch, ro, 288)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delitem(readout.STAGE_CHANNELS, arch)
+            readout.feature_dim.cache_clear()
+            assert table == readout.feature_dim(arch, ro, 288), (name, ro)
+    readout.feature_dim.cache_clear()
 
 
-def test_resolving_the_default_stack_imports_no_timm():
+def test_resolving_the_default_and_fine_grained_stacks_imports_no_timm():
     code = (
         "import sys; from stackvision.backbones import resolve; "
-        "specs = [resolve(n) for n in ('lite0', 'lite1', 'lite2')]; "
+        f"specs = [resolve(n) for n in ('lite0', 'lite1', 'lite2', *{FINE_GRAINED!r})]; "
         "print([s.preprocess.input_size for s in specs], "
         "sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'torchvision'}))"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=child_env(), timeout=120)  # fmt: skip
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "[224, 240, 260] []"
+    assert p.stdout.strip() == "[224, 240, 260, 256, 272, 288] []"
 
 
 def _summary(stdout: str) -> dict:
