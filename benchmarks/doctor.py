@@ -192,7 +192,30 @@ def main() -> None:
     keep_rel = np.asarray([p not in excl or p in sugg for p in F.paths])
     acc_rel = accuracy(X[keep_rel], y_rel[keep_rel], Xv2, yv2, len(classes), 2)
     lost = acc_clean - acc_noisy
+    # action policies side by side (independent of the library's current defaults)
+    leak_tr = {p for g in d.leaks for p, s in zip(g["paths"], g["splits"]) if s == "train"}
+    extra = {p for g in d.groups if not g["leak"] for k, (p, s) in
+             enumerate(zip(g["paths"], g["splits"])) if k > 0 and s == "train"}  # fmt: skip
+    lab_all = {x["path"] for x in d.label_issues}
+    conf = {x["path"] for x in d.label_issues if x["top_prob"] >= 0.5}
+
+    def policy(excl_set, relabel_set):
+        kp = np.asarray([p not in excl_set or p in relabel_set for p in F.paths])
+        yy = np.asarray([sugg[p] if p in relabel_set else c for p, c in zip(F.paths, y_noisy)])
+        a_ = accuracy(X[kp], yy[kp], Xv2, yv2, len(classes), 2)
+        return {"accuracy": a_, "excluded": int((~kp).sum()), "relabelled": len(relabel_set),
+                "recovered_fraction": (a_ - acc_noisy) / lost if lost > 0 else None}  # fmt: skip
+
+    sugg = {x["path"]: ci[x["suggested_label"]] for x in d.label_issues}
+    policies = {
+        "v1_exclude_labels_leaks_extra_copies": policy(lab_all | leak_tr | extra, set()),
+        "exclude_labels_leaks_keep_copies": policy(lab_all | leak_tr, set()),
+        "relabel_labels_exclude_leaks_keep_copies": policy(lab_all | leak_tr, lab_all),
+        "relabel_confident_exclude_rest_keep_copies": policy(lab_all | leak_tr, conf),
+        "exclude_confident_only_keep_copies": policy(conf | leak_tr, set()),
+    }
     acc = {
+        "policies": policies,
         "val_images": int(keep_v.sum()), "clean": acc_clean, "noisy": acc_noisy,
         "after_doctor": acc_fixed, "excluded": len(excl),
         "recovered_fraction": (acc_fixed - acc_noisy) / lost if lost > 0 else None,

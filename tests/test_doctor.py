@@ -229,6 +229,35 @@ def test_doctor_csv_fed_back_as_written(dirty, cache_dir, tmp_path, capsys):
     assert man["training"]["n_images"] == 48 - n_ex
 
 
+def test_finetune_exclude_leaves_out_and_relabels_rows(
+    flowers_small, heldout, tmp_path, capsys, one_torch_thread
+):
+    """finetune --exclude: the model is trained on the corrected listing (1 tiny epoch, 64 px)."""
+    daisy = sorted((flowers_small / "daisy").iterdir())
+    sun = sorted((flowers_small / "sunflower").iterdir())
+    fix = tmp_path / "fix.csv"
+    _write_csv(fix, [
+        {"path": str(sun[0]), "issue": "duplicate", "action": "exclude"},
+        {"path": str(sun[1]), "issue": "leak", "action": "exclude"},
+        {"path": str(daisy[0]), "issue": "label", "suggested_label": "tulip", "action": "relabel"},
+        {"path": str(daisy[1]), "issue": "label", "suggested_label": "sunflower", "action": "keep"},
+    ])  # fmt: skip
+    out = tmp_path / "ft"
+    args = ["finetune", str(flowers_small), "--val", str(heldout), "--exclude", str(fix),
+            "--out", str(out), "--head-epochs", "1", "--epochs", "0", "--input-size", "64",
+            "--batch-size", "8", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    assert "2 left out, 1 relabelled" in capsys.readouterr().out
+    tr = json.loads((out / "manifest.json").read_text())["training"]
+    assert tr["n_images"] == 28  # 30 - 2: --val keeps every listed row for training
+    assert tr["per_class"] == {"daisy": 9, "sunflower": 8, "tulip": 11}
+    bad = tmp_path / "bad.csv"
+    _write_csv(bad, [{"path": "/elsewhere/x.jpg", "action": "exclude"}])
+    assert main([*args[:5], str(bad), "--out", str(tmp_path / "ft2"), *args[8:], "-q"]) == 2
+    one_line_error(capsys, "bad.csv line 2", "not in the data")
+    assert not (tmp_path / "ft2").exists()
+
+
 # ---------------------------------------------------------------------- train integration
 def test_train_report_has_a_doctor_section_unless_no_doctor(dirty, cache_dir, tmp_path, capsys):
     out = tmp_path / "m"
