@@ -214,7 +214,13 @@ def test_exclude_errors_name_the_file_and_line(dirty, cache_dir, tmp_path, capsy
 
 
 def test_doctor_csv_fed_back_as_written(dirty, cache_dir, tmp_path, capsys):
-    """The CSV doctor writes is accepted as it is by train --exclude (its val rows included)."""
+    """The CSV doctor writes is accepted as it is by train --exclude (its val rows included).
+    A near-duplicate within train (correct label) is listed with the default action ``keep``:
+    both copies stay in the training set."""
+    ridgeback = dirty["train"] / dirty["classes"][1]
+    first = sorted(ridgeback.iterdir())[0]
+    copy = ridgeback / "copy-within-train.jpg"
+    reencode(first, copy)
     out = tmp_path / "doc"
     assert (
         doctor(dirty["train"], "--val", dirty["val"], "--out", out, "--cache", cache_dir, *LITE0)
@@ -222,11 +228,16 @@ def test_doctor_csv_fed_back_as_written(dirty, cache_dir, tmp_path, capsys):
     )
     with open(out / "doctor.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
+    dup = {r["path"]: r for r in rows if r["issue"] == "duplicate"}
+    assert {str(first), str(copy)} <= set(dup)
+    assert dup[str(first)]["group"] == dup[str(copy)]["group"]
+    assert {r["action"] for r in dup.values()} == {"keep"}
     n_ex = len({r["path"] for r in rows if r["action"] == "exclude"})
-    assert n_ex >= 2
+    assert n_ex >= 2  # the mislabelled beagle and the training copy of the leak
+    assert str(copy) not in {r["path"] for r in rows if r["action"] == "exclude"}
     assert train(dirty["train"], tmp_path / "m", cache_dir, "--exclude", out / "doctor.csv") == 0
     man = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    assert man["training"]["n_images"] == 48 - n_ex
+    assert man["training"]["n_images"] == 49 - n_ex
 
 
 def test_finetune_exclude_leaves_out_and_relabels_rows(

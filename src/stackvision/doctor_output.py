@@ -6,10 +6,12 @@ section with thumbnails (a page of its own for ``stackvision doctor``, a section
 CSV columns (:data:`CSV_COLUMNS`): ``path, split, issue, given_label, suggested_label, evidence,
 group, action``. ``issue`` is one of ``label`` (likely mislabelled), ``leak`` (a near-duplicate
 of an image on the other side of train/``--val``), ``duplicate`` (near-duplicates within one
-side), ``outlier``. Default actions: ``exclude`` for likely label errors, for the training copy
-of a leak and for every extra copy of a duplicate group; ``keep`` for the first copy of a group,
-for outliers (look at them) and for validation rows. ``relabel`` (with ``suggested_label``, which
-may be edited) is the user's choice: :mod:`stackvision.corrections` reads it back.
+side), ``outlier``. Default actions: ``exclude`` for likely label errors and for the training
+copy of a leak; ``keep`` for duplicates within one side (correct labels: only a split problem,
+which ``train --group-duplicates`` handles; set ``exclude`` to thin them out), for outliers (look
+at them) and for validation rows. ``relabel`` (with ``suggested_label``, which may be edited) is
+the user's choice: :mod:`stackvision.corrections` reads it back. BENCHMARKS.md ("doctor")
+measures these defaults against the alternatives.
 """
 
 from __future__ import annotations
@@ -67,10 +69,9 @@ def csv_rows(d: Diagnosis) -> list[dict]:
             continue
         what = "identical bytes" if g["identical"] else f"near-duplicate (score {g['score']})"
         for k, (p, s, lab) in enumerate(zip(g["paths"], g["splits"], g["labels"])):
-            act = "keep" if k == 0 or s == "val" else "exclude"
             rows.append({"path": p, "split": s, "issue": "duplicate", "given_label": lab,
                          "evidence": what + (" (first copy)" if k == 0 else ""),
-                         "group": g["group"], "action": act})  # fmt: skip
+                         "group": g["group"], "action": "keep"})  # fmt: skip
     for o in d.outliers:
         rows.append({"path": o["path"], "split": o["split"], "issue": "outlier",
                      "given_label": o["label"],
