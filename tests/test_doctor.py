@@ -128,7 +128,9 @@ def test_doctor_flags_the_mislabelled_image_and_the_leak(dirty, cache_dir, tmp_p
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == CSV_COLUMNS
     by = {(r["path"], r["issue"]): r for r in rows}
-    assert by[(str(dirty["wrong"]), "label")]["action"] == "exclude"
+    assert issue["top_prob"] >= 0.5  # a confident suggestion: relabelled by default
+    assert by[(str(dirty["wrong"]), "label")]["action"] == "relabel"
+    assert by[(str(dirty["wrong"]), "label")]["suggested_label"] == dirty["classes"][2]
     assert by[(str(dirty["src"]), "leak")]["action"] == "exclude"  # the training copy
     assert by[(str(dirty["leak"]), "leak")]["action"] == "keep"  # val is not ours to edit
     assert {r["action"] for r in rows} <= {"exclude", "relabel", "keep"}
@@ -233,11 +235,42 @@ def test_doctor_csv_fed_back_as_written(dirty, cache_dir, tmp_path, capsys):
     assert dup[str(first)]["group"] == dup[str(copy)]["group"]
     assert {r["action"] for r in dup.values()} == {"keep"}
     n_ex = len({r["path"] for r in rows if r["action"] == "exclude"})
-    assert n_ex >= 2  # the mislabelled beagle and the training copy of the leak
+    assert n_ex >= 1  # the training copy of the leak
     assert str(copy) not in {r["path"] for r in rows if r["action"] == "exclude"}
+    relabel = {r["path"] for r in rows if r["action"] == "relabel"}
+    assert str(dirty["wrong"]) in relabel  # the beagle, confidently suggested
     assert train(dirty["train"], tmp_path / "m", cache_dir, "--exclude", out / "doctor.csv") == 0
+    assert f"{n_ex} left out, {len(relabel)} relabelled" in capsys.readouterr().out
     man = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert man["training"]["n_images"] == 49 - n_ex
+    c, counts = dirty["classes"], man["training"]["per_class"]
+    assert (len(relabel), n_ex) == (1, 1)  # the beagle; the leak's training copy
+    assert (counts[c[0]], counts[c[1]], counts[c[2]], counts[c[3]]) == (11, 13, 12, 12)
+
+
+def test_default_actions_follow_the_finding():
+    """Confident label suggestions are relabelled, the others excluded; copies within one side
+    are kept; a leak's training copy is excluded, its validation copy kept."""
+    from stackvision.doctor import Diagnosis
+    from stackvision.doctor_output import RELABEL_PROB, csv_rows
+
+    paths = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "v.jpg"]
+    d = Diagnosis(paths, ["train"] * 5 + ["val"], ["x", "x", "y", "y", "y", "y"], ["x", "y"])
+    for path, top in (("a.jpg", RELABEL_PROB), ("b.jpg", RELABEL_PROB - 0.01)):
+        d.label_issues.append({"row": 0, "path": path, "given_label": "x", "suggested_label": "y",
+                               "given_prob": 0.05, "top_prob": top})  # fmt: skip
+    d.groups = [
+        {"group": 0, "paths": ["e.jpg", "v.jpg"], "splits": ["train", "val"],
+         "labels": ["y", "y"], "score": 0.6, "leak": True, "identical": False},
+        {"group": 1, "paths": ["c.jpg", "d.jpg"], "splits": ["train", "train"],
+         "labels": ["y", "y"], "score": 0.5, "leak": False, "identical": False},
+    ]  # fmt: skip
+    act = {(r["path"], r["issue"]): r["action"] for r in csv_rows(d)}
+    assert act == {
+        ("e.jpg", "leak"): "exclude", ("v.jpg", "leak"): "keep",
+        ("a.jpg", "label"): "relabel", ("b.jpg", "label"): "exclude",
+        ("c.jpg", "duplicate"): "keep", ("d.jpg", "duplicate"): "keep",
+    }  # fmt: skip
 
 
 def test_finetune_exclude_leaves_out_and_relabels_rows(
