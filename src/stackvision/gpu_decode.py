@@ -23,7 +23,9 @@ header), and a bad file is an :class:`ImageDecodeError`, as with the other decod
 from __future__ import annotations
 
 import importlib.util
+import threading
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -66,11 +68,14 @@ def pixels_id(decoder: str) -> str:
 
 def resize_crop(image, pp: Preprocess):
     """uint8 (3, H, W) torch tensor (RGB) -> uint8 (S, S, 3) on the same device, by the
-    arithmetic of :meth:`Preprocess.to_uint8` with torch's antialiased interpolation."""
+    arithmetic of :meth:`Preprocess.to_uint8` with torch's antialiased interpolation; a batch
+    (N, 3, H, W) of images of one size -> (N, S, S, 3) in one call (one kernel, not N)."""
     import torch
     import torch.nn.functional as F
 
-    _, h, w = image.shape
+    one = image.dim() == 3
+    x = image[None] if one else image
+    h, w = x.shape[-2:]
     s, r = pp.input_size, pp.resize_size
     if pp.crop_mode == "squash":
         nw = nh = r
@@ -78,17 +83,17 @@ def resize_crop(image, pp: Preprocess):
         nw, nh = r, int(r * h / w)
     else:
         nw, nh = int(r * w / h), r
-    x = image
     if (nw, nh) != (w, h):
         mode = _MODES.get(pp.interpolation, "bicubic")
         kw = {"antialias": True, "align_corners": False} if mode in ("bicubic", "bilinear") else {}
-        y = F.interpolate(image[None].to(torch.float32), size=(nh, nw), mode=mode, **kw)[0]
+        y = F.interpolate(x.to(torch.float32), size=(nh, nw), mode=mode, **kw)
         x = y.round_().clamp_(0, 255).to(torch.uint8)
     left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))
-    x = x[:, top : top + s, left : left + s]
+    x = x[:, :, top : top + s, left : left + s]
     if pp.channel_order == "BGR":
-        x = x.flip(0)
-    return x.permute(1, 2, 0)
+        x = x.flip(1)
+    x = x.permute(0, 2, 3, 1)
+    return x[0] if one else x
 
 
 class TorchvisionPool:
@@ -98,10 +103,15 @@ class TorchvisionPool:
 
     kind = "torchvision"
 
-    def __init__(self, device: str = "cpu", workers: int = 4):
+    def __init__(self, device: str = "cpu", workers: int = 4, decoders: int | None = None):
         self.device = str(device)
         self.workers = max(1, int(workers))
+        # batches decoded at once, each in its own thread (and CUDA stream): the next batches are
+        # decoded while the model runs on this one, and nvJPEG's CPU part (Huffman decoding)
+        # of one batch overlaps the GPU part of another
+        self.decoders = max(1, int(decoders or (2 if self.device.startswith("cuda") else 1)))
         self._ex: ThreadPoolExecutor | None = None
+        self._streams = threading.local()
 
     def __enter__(self) -> TorchvisionPool:
         self._ex = ThreadPoolExecutor(self.workers)
@@ -113,18 +123,36 @@ class TorchvisionPool:
             self._ex = None
 
     def run(self, batches: Iterable[list]) -> Iterator[list]:
+        """One list of results per batch, in order; up to ``decoders + 1`` batches in flight."""
         assert self._ex is not None, "use TorchvisionPool as a context manager"
         todo = iter(batches)
-        nxt = self._read_ahead(next(todo, None))
-        while nxt is not None:
-            batch, futures = nxt
-            nxt = self._read_ahead(next(todo, None))
-            yield self.decode_batch(batch, [f.result() for f in futures])
+        pending: deque = deque()
+        with ThreadPoolExecutor(self.decoders) as dec:
 
-    def _read_ahead(self, batch):
-        if batch is None:
-            return None
-        return batch, [self._ex.submit(_read, path) for path, _ in batch]
+            def submit() -> None:
+                batch = next(todo, None)
+                if batch is not None:
+                    reads = [self._ex.submit(_read, path) for path, _ in batch]
+                    pending.append(dec.submit(self._decode_task, batch, reads))
+
+            for _ in range(self.decoders + 1):
+                submit()
+            while pending:
+                out = pending.popleft().result()
+                submit()
+                yield out
+
+    def _decode_task(self, batch, reads) -> list:
+        got = [f.result() for f in reads]
+        if not self.device.startswith("cuda"):
+            return self.decode_batch(batch, got)
+        import torch
+
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:  # one stream per decode thread: batches decode side by side
+            stream = self._streams.stream = torch.cuda.Stream(device=self.device)
+        with torch.cuda.stream(stream):
+            return self.decode_batch(batch, got)  # ends with a copy to the host: synchronised
 
     def decode_batch(self, batch: Sequence, reads: Sequence) -> list:
         """``batch``: (path, [(key, Preprocess), ...]) items; ``reads``: what :func:`_read` gave
@@ -148,16 +176,19 @@ class TorchvisionPool:
                 arr = torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1)
                 images[i] = arr.to(self.device)
         out: list = [im if isinstance(im, ImageDecodeError) else {} for im in images]
-        crops: dict = {}  # key -> (rows, device crops): one copy to the host per backbone
+        groups: dict = {}  # (key, image size) -> rows: one resize call for each group
         for i, (_, pps) in enumerate(batch):
             if isinstance(images[i], ImageDecodeError):
                 continue
             for key, pp in pps:
-                rows, tensors = crops.setdefault(key, ([], []))
-                rows.append(i)
-                tensors.append(resize_crop(images[i], pp))
+                groups.setdefault((key, tuple(images[i].shape)), (pp, []))[1].append(i)
+        crops: dict = {}  # key -> (rows, device crops): one copy to the host per backbone
+        for (key, _), (pp, idx) in groups.items():
+            rows, tensors = crops.setdefault(key, ([], []))
+            rows += idx
+            tensors.append(resize_crop(torch.stack([images[i] for i in idx]), pp))
         for key, (rows, tensors) in crops.items():
-            host = torch.stack(tensors).cpu().numpy()
+            host = torch.cat(tensors).cpu().numpy()
             for i, arr in zip(rows, host):
                 out[i][key] = arr
         return out
