@@ -8,9 +8,11 @@ near-duplicates (small crop + resize + JPEG re-encode of other images, a third o
   duplicates), counted separately;
 * the doctor on the noisy data: precision / recall of label-issue detection (against the flips)
   and of near-duplicate detection (against the injected copy-source pairs), and its time;
-* accuracy on the clean validation set (less the images that were copied into train) of one
-  logistic head trained on clean, noisy, and noisy-less-what-doctor.csv-excludes data, and the
-  recovered fraction;
+* accuracy and log loss on the clean validation set (less the images that were copied into
+  train) of one logistic head trained on clean, noisy, and corrected data (doctor.csv's default
+  actions, and other action policies side by side, with two ceilings: the flipped rows exactly,
+  excluded or given their true label), and the recovered fractions; also on a validation set less
+  the real (pre-existing) leaks;
 * ``--group-duplicates``: the 5-fold out-of-fold accuracy with identical-bytes groups only and with
   near-duplicate groups, next to the validation accuracy (how optimistic CV is with copies).
 
@@ -57,9 +59,17 @@ def pairs_of(groups: list[dict]) -> set[tuple[str, str]]:
     return out
 
 
-def accuracy(X, y, Xv, yv, n_classes, n_views):
+def scores(X, y, Xv, yv, n_classes, n_views):
+    """Validation accuracy and log loss of one logistic head trained on all of (X, y)."""
     head = fit_head("logreg", None, X, y, n_classes, np.arange(len(y)), None, n_views)
-    return float((predict_views(head, Xv, n_views).argmax(1) == yv).mean())
+    p = predict_views(head, Xv, n_views)
+    return float((p.argmax(1) == yv).mean()), float(
+        -np.log(np.clip(p[np.arange(len(yv)), yv], 1e-12, 1)).mean()
+    )
+
+
+def accuracy(X, y, Xv, yv, n_classes, n_views):
+    return scores(X, y, Xv, yv, n_classes, n_views)[0]
 
 
 def main() -> None:
@@ -144,6 +154,14 @@ def main() -> None:
         "flagged_on_clean_data": len(pre_label),
         "precision_less_preexisting": tp / max(len(flagged_new), 1),
     }  # fmt: skip
+    # how good the suggested labels are (what relabelling would give), all and confident ones
+    true_of = {F.paths[i]: classes[y_true[i]] for i in flipped}
+    for name, sel in (("all", d.label_issues), ("top_prob_ge_0.5", [x for x in d.label_issues if x["top_prob"] >= 0.5])):  # fmt: skip
+        hit = [x for x in sel if x["path"] in true_of]
+        label["suggestions_" + name] = {
+            "flagged": len(sel), "precision": len(hit) / max(len(sel), 1),
+            "suggestion_is_true_label": sum(true_of[x["path"]] == x["suggested_label"] for x in hit) / max(len(hit), 1),
+        }  # fmt: skip
 
     # near-duplicates: an injected pair is found when copy and source share a group
     group_of = {p: g["group"] for g in d.groups for p in g["paths"]}
@@ -181,23 +199,73 @@ def main() -> None:
     copied_val = {c[1] for c in copies if c[3] == "val"}
     keep_v = np.asarray([p not in copied_val for p in V.paths])
     Xv2, yv2 = Xv[keep_v], yv[keep_v]
-    excl = {r["path"] for r in csv_rows(d) if r["action"] == "exclude" and r["split"] == "train"}
+    # the library's default actions (doctor.csv as written): exclude rows, relabel rows
+    rows = [r for r in csv_rows(d) if r["split"] == "train"]
+    excl = {r["path"] for r in rows if r["action"] == "exclude"}
+    relab = {r["path"]: ci[r["suggested_label"]] for r in rows if r["action"] == "relabel"}
     keep = np.asarray([p not in excl for p in F.paths])
-    acc_clean = accuracy(X[:n], y_true[:n], Xv2, yv2, len(classes), 2)
-    acc_noisy = accuracy(X, y_noisy, Xv2, yv2, len(classes), 2)
-    acc_fixed = accuracy(X[keep], y_noisy[keep], Xv2, yv2, len(classes), 2)
-    # the other action for label issues: relabel to the suggested class (other exclusions kept)
-    sugg = {x["path"]: ci[x["suggested_label"]] for x in d.label_issues}
-    y_rel = np.asarray([sugg.get(p, c) for p, c in zip(F.paths, y_noisy)], np.int64)
-    keep_rel = np.asarray([p not in excl or p in sugg for p in F.paths])
-    acc_rel = accuracy(X[keep_rel], y_rel[keep_rel], Xv2, yv2, len(classes), 2)
+    y_def = np.asarray([relab.get(p, c) for p, c in zip(F.paths, y_noisy)], np.int64)
+    acc_clean, ll_clean = scores(X[:n], y_true[:n], Xv2, yv2, len(classes), 2)
+    acc_noisy, ll_noisy = scores(X, y_noisy, Xv2, yv2, len(classes), 2)
+    acc_fixed = accuracy(X[keep], y_def[keep], Xv2, yv2, len(classes), 2)
     lost = acc_clean - acc_noisy
+    # action policies side by side (independent of the library's current defaults)
+    leak_tr = {p for g in d.leaks for p, s in zip(g["paths"], g["splits"]) if s == "train"}
+    extra = {p for g in d.groups if not g["leak"] for k, (p, s) in
+             enumerate(zip(g["paths"], g["splits"])) if k > 0 and s == "train"}  # fmt: skip
+    lab_all = {x["path"] for x in d.label_issues}
+    conf = {x["path"] for x in d.label_issues if x["top_prob"] >= 0.5}
+
+    # the same, on a validation set without the real leaks either: the validation images whose
+    # photograph is also in train (leak groups the doctor finds on the clean data) are scored by
+    # their training copy, which the doctor's default excludes; the gains and losses there measure
+    # the leak, not the labels
+    real_leak_val = {p for g in clean.leaks for p, s in zip(g["paths"], g["splits"]) if s == "val"}
+    keep_v3 = keep_v & np.asarray([p not in real_leak_val for p in V.paths])
+    Xv3, yv3 = Xv[keep_v3], yv[keep_v3]
+    acc_clean3 = accuracy(X[:n], y_true[:n], Xv3, yv3, len(classes), 2)
+    acc_noisy3 = accuracy(X, y_noisy, Xv3, yv3, len(classes), 2)
+    lost3 = acc_clean3 - acc_noisy3
+
+    def policy(excl_set, relabel_set, to=None):
+        to = sugg if to is None else to  # new label per relabelled path
+        kp = np.asarray([p not in excl_set or p in relabel_set for p in F.paths])
+        yy = np.asarray([to[p] if p in relabel_set else c for p, c in zip(F.paths, y_noisy)])
+        head = fit_head("logreg", None, X[kp], yy[kp], len(classes), np.arange(int(kp.sum())),
+                        None, 2)  # fmt: skip
+        pv = predict_views(head, Xv2, 2)
+        a_ = float((pv.argmax(1) == yv2).mean())
+        ll = float(-np.log(np.clip(pv[np.arange(len(yv2)), yv2], 1e-12, 1)).mean())
+        a3 = float((predict_views(head, Xv3, 2).argmax(1) == yv3).mean())
+        return {"accuracy": a_, "excluded": int((~kp).sum()), "relabelled": len(relabel_set),
+                "recovered_fraction": (a_ - acc_noisy) / lost if lost > 0 else None,
+                "log_loss": ll, "recovered_fraction_log_loss": (ll_noisy - ll) / (ll_noisy - ll_clean)
+                if ll_noisy > ll_clean else None,
+                "accuracy_val_less_real_leaks": a3,
+                "recovered_fraction_val_less_real_leaks": (a3 - acc_noisy3) / lost3
+                if lost3 > 0 else None}  # fmt: skip
+
+    sugg = {x["path"]: ci[x["suggested_label"]] for x in d.label_issues}
+    policies = {
+        "v1_exclude_labels_leaks_extra_copies": policy(lab_all | leak_tr | extra, set()),
+        "exclude_labels_leaks_keep_copies": policy(lab_all | leak_tr, set()),
+        "relabel_labels_exclude_leaks_keep_copies": policy(lab_all | leak_tr, lab_all),
+        "relabel_confident_exclude_rest_keep_copies": policy(lab_all | leak_tr, conf),
+        "exclude_confident_only_keep_copies": policy(conf | leak_tr, set()),
+        # ceilings: a perfect detector (the flipped rows exactly), excluded or given their true label
+        "oracle_exclude_flips_leaks": policy(flips | leak_tr, set()),
+        "oracle_relabel_flips_exclude_leaks": policy(
+            flips | leak_tr, flips, {F.paths[i]: int(y_true[i]) for i in flipped}
+        ),
+    }
     acc = {
+        "policies": policies,
+        "val_less_real_leaks": {"val_images": int(keep_v3.sum()), "clean": acc_clean3,
+                                "noisy": acc_noisy3},
         "val_images": int(keep_v.sum()), "clean": acc_clean, "noisy": acc_noisy,
-        "after_doctor": acc_fixed, "excluded": len(excl),
+        "clean_log_loss": ll_clean, "noisy_log_loss": ll_noisy,
+        "after_doctor": acc_fixed, "excluded": len(excl), "relabelled": len(relab),
         "recovered_fraction": (acc_fixed - acc_noisy) / lost if lost > 0 else None,
-        "after_doctor_relabel": acc_rel,
-        "recovered_fraction_relabel": (acc_rel - acc_noisy) / lost if lost > 0 else None,
     }  # fmt: skip
 
     # 4. --group-duplicates: CV optimism with copies in the training data (true labels)

@@ -128,7 +128,9 @@ def test_doctor_flags_the_mislabelled_image_and_the_leak(dirty, cache_dir, tmp_p
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == CSV_COLUMNS
     by = {(r["path"], r["issue"]): r for r in rows}
-    assert by[(str(dirty["wrong"]), "label")]["action"] == "exclude"
+    assert issue["top_prob"] >= 0.5  # a confident suggestion: relabelled by default
+    assert by[(str(dirty["wrong"]), "label")]["action"] == "relabel"
+    assert by[(str(dirty["wrong"]), "label")]["suggested_label"] == dirty["classes"][2]
     assert by[(str(dirty["src"]), "leak")]["action"] == "exclude"  # the training copy
     assert by[(str(dirty["leak"]), "leak")]["action"] == "keep"  # val is not ours to edit
     assert {r["action"] for r in rows} <= {"exclude", "relabel", "keep"}
@@ -214,7 +216,13 @@ def test_exclude_errors_name_the_file_and_line(dirty, cache_dir, tmp_path, capsy
 
 
 def test_doctor_csv_fed_back_as_written(dirty, cache_dir, tmp_path, capsys):
-    """The CSV doctor writes is accepted as it is by train --exclude (its val rows included)."""
+    """The CSV doctor writes is accepted as it is by train --exclude (its val rows included).
+    A near-duplicate within train (correct label) is listed with the default action ``keep``:
+    both copies stay in the training set."""
+    ridgeback = dirty["train"] / dirty["classes"][1]
+    first = sorted(ridgeback.iterdir())[0]
+    copy = ridgeback / "copy-within-train.jpg"
+    reencode(first, copy)
     out = tmp_path / "doc"
     assert (
         doctor(dirty["train"], "--val", dirty["val"], "--out", out, "--cache", cache_dir, *LITE0)
@@ -222,11 +230,76 @@ def test_doctor_csv_fed_back_as_written(dirty, cache_dir, tmp_path, capsys):
     )
     with open(out / "doctor.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
+    dup = {r["path"]: r for r in rows if r["issue"] == "duplicate"}
+    assert {str(first), str(copy)} <= set(dup)
+    assert dup[str(first)]["group"] == dup[str(copy)]["group"]
+    assert {r["action"] for r in dup.values()} == {"keep"}
     n_ex = len({r["path"] for r in rows if r["action"] == "exclude"})
-    assert n_ex >= 2
+    assert n_ex >= 1  # the training copy of the leak
+    assert str(copy) not in {r["path"] for r in rows if r["action"] == "exclude"}
+    relabel = {r["path"] for r in rows if r["action"] == "relabel"}
+    assert str(dirty["wrong"]) in relabel  # the beagle, confidently suggested
     assert train(dirty["train"], tmp_path / "m", cache_dir, "--exclude", out / "doctor.csv") == 0
+    assert f"{n_ex} left out, {len(relabel)} relabelled" in capsys.readouterr().out
     man = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    assert man["training"]["n_images"] == 48 - n_ex
+    assert man["training"]["n_images"] == 49 - n_ex
+    c, counts = dirty["classes"], man["training"]["per_class"]
+    assert (len(relabel), n_ex) == (1, 1)  # the beagle; the leak's training copy
+    assert (counts[c[0]], counts[c[1]], counts[c[2]], counts[c[3]]) == (11, 13, 12, 12)
+
+
+def test_default_actions_follow_the_finding():
+    """Confident label suggestions are relabelled, the others excluded; copies within one side
+    are kept; a leak's training copy is excluded, its validation copy kept."""
+    from stackvision.doctor import Diagnosis
+    from stackvision.doctor_output import RELABEL_PROB, csv_rows
+
+    paths = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "v.jpg"]
+    d = Diagnosis(paths, ["train"] * 5 + ["val"], ["x", "x", "y", "y", "y", "y"], ["x", "y"])
+    for path, top in (("a.jpg", RELABEL_PROB), ("b.jpg", RELABEL_PROB - 0.01)):
+        d.label_issues.append({"row": 0, "path": path, "given_label": "x", "suggested_label": "y",
+                               "given_prob": 0.05, "top_prob": top})  # fmt: skip
+    d.groups = [
+        {"group": 0, "paths": ["e.jpg", "v.jpg"], "splits": ["train", "val"],
+         "labels": ["y", "y"], "score": 0.6, "leak": True, "identical": False},
+        {"group": 1, "paths": ["c.jpg", "d.jpg"], "splits": ["train", "train"],
+         "labels": ["y", "y"], "score": 0.5, "leak": False, "identical": False},
+    ]  # fmt: skip
+    act = {(r["path"], r["issue"]): r["action"] for r in csv_rows(d)}
+    assert act == {
+        ("e.jpg", "leak"): "exclude", ("v.jpg", "leak"): "keep",
+        ("a.jpg", "label"): "relabel", ("b.jpg", "label"): "exclude",
+        ("c.jpg", "duplicate"): "keep", ("d.jpg", "duplicate"): "keep",
+    }  # fmt: skip
+
+
+def test_finetune_exclude_leaves_out_and_relabels_rows(
+    flowers_small, heldout, tmp_path, capsys, one_torch_thread
+):
+    """finetune --exclude: the model is trained on the corrected listing (1 tiny epoch, 64 px)."""
+    daisy = sorted((flowers_small / "daisy").iterdir())
+    sun = sorted((flowers_small / "sunflower").iterdir())
+    fix = tmp_path / "fix.csv"
+    _write_csv(fix, [
+        {"path": str(sun[0]), "issue": "duplicate", "action": "exclude"},
+        {"path": str(sun[1]), "issue": "leak", "action": "exclude"},
+        {"path": str(daisy[0]), "issue": "label", "suggested_label": "tulip", "action": "relabel"},
+        {"path": str(daisy[1]), "issue": "label", "suggested_label": "sunflower", "action": "keep"},
+    ])  # fmt: skip
+    out = tmp_path / "ft"
+    args = ["finetune", str(flowers_small), "--val", str(heldout), "--exclude", str(fix),
+            "--out", str(out), "--head-epochs", "1", "--epochs", "0", "--input-size", "64",
+            "--batch-size", "8", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    assert "2 left out, 1 relabelled" in capsys.readouterr().out
+    tr = json.loads((out / "manifest.json").read_text())["training"]
+    assert tr["n_images"] == 28  # 30 - 2: --val keeps every listed row for training
+    assert tr["per_class"] == {"daisy": 9, "sunflower": 8, "tulip": 11}
+    bad = tmp_path / "bad.csv"
+    _write_csv(bad, [{"path": "/elsewhere/x.jpg", "action": "exclude"}])
+    assert main([*args[:5], str(bad), "--out", str(tmp_path / "ft2"), *args[8:], "-q"]) == 2
+    one_line_error(capsys, "bad.csv line 2", "not in the data")
+    assert not (tmp_path / "ft2").exists()
 
 
 # ---------------------------------------------------------------------- train integration

@@ -153,6 +153,9 @@ def run(args) -> int:
     opt.validate_estimator(model)
     data = opt.listing(args)
     val = opt.validation_data(args)
+    if getattr(args, "corrections", None):
+        c = args.corrections
+        say(args, f"corrections from {c['file']}: {c['excluded']} left out, {c['relabelled']} relabelled")  # fmt: skip
     if args.restart and os.path.isdir(work):
         shutil.rmtree(work)  # checked above: it holds only our checkpoint
     t0 = time.perf_counter()
