@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import ROOT, SHARED_DATA, machine, md_table, today, write_section  # noqa: E402
 from stackvision import Runtime, StackedClassifier  # noqa: E402
-from stackvision.backbones import DEFAULT_STACK, FINE_GRAINED, resolve  # noqa: E402
+from stackvision.backbones import CLASSIC_STACK, FINE_GRAINED, resolve  # noqa: E402
 from stackvision.data import from_folder  # noqa: E402
 from stackvision.metrics import classification_metrics  # noqa: E402
 from stackvision.validation import holdout_split  # noqa: E402
@@ -47,9 +47,9 @@ ROWS = [
     ("lite0@256", ["lite0@256"], "avg", "logreg"),
     ("lite0@256 gem+mid2", ["lite0@256"], "gem+mid2", "logreg"),
     ("lite0 head auto", ["lite0"], "avg", "auto"),
-    ("stack (default: lite0,lite1,lite2 avg)", list(DEFAULT_STACK), "avg", "logreg"),
-    ("stack, head auto", list(DEFAULT_STACK), "avg", "auto"),
-    ("stack gem+mid2 (native sizes)", list(DEFAULT_STACK), "gem+mid2", "logreg"),
+    ("stack (default: lite0,lite1,lite2 avg)", list(CLASSIC_STACK), "avg", "logreg"),
+    ("stack, head auto", list(CLASSIC_STACK), "avg", "auto"),
+    ("stack gem+mid2 (native sizes)", list(CLASSIC_STACK), "gem+mid2", "logreg"),
     ("fine-grained (@256/272/288 gem+mid2)", list(FINE_GRAINED), "avg", "logreg"),
     ("fine-grained, head auto", list(FINE_GRAINED), "avg", "auto"),
 ]

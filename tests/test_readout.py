@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stackvision import Runtime, StackedClassifier, StackvisionError, load_model
-from stackvision.backbones import FINE_GRAINED, resolve
+from stackvision.backbones import DEFAULT_STACK, FINE_GRAINED, resolve
 from stackvision.cache import FeatureCache, store_fields, store_key
 from stackvision.cli import main
 from stackvision.data import from_folder
@@ -144,6 +144,9 @@ def test_select_head_prefers_a_larger_c_on_separable_features(flowers_small, cac
 
 def test_named_stack_and_parse(capsys):
     assert expand_named(["fine-grained"]) == list(FINE_GRAINED)
+    assert expand_named(["classic", "lite0@300"]) == ["lite0", "lite1", "lite2", "lite0@300"]
+    assert DEFAULT_STACK == FINE_GRAINED  # the default since issue 12's measurements
+    assert StackedClassifier().backbones == DEFAULT_STACK
     assert main(["backbones", "fine-grained"]) == 0
     out = capsys.readouterr().out
     assert "lite0@256+gem+mid2" in out and "lite2@288+gem+mid2" in out and " 288 " in out

@@ -43,6 +43,7 @@ MIN_SIZE, MAX_SIZE = 64, 1024
 #: "features").
 NAMED_STACKS = {
     "fine-grained": ("lite0@256+gem+mid2", "lite1@272+gem+mid2", "lite2@288+gem+mid2"),
+    "classic": ("lite0", "lite1", "lite2"),
 }
 
 _READOUT_HELP = "use avg, max, avgmax or gem, optionally with +midN (N = 1..4), e.g. gem+mid2"

@@ -132,8 +132,9 @@ def add_backbone_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backbones",
         default=",".join(DEFAULT_STACK),
-        help=f"comma-separated backbones to stack, NAME[@SIZE][+READOUT] (e.g. lite0@256+gem),"
-        f" or fine-grained (default: {','.join(DEFAULT_STACK)})",
+        help="comma-separated backbones to stack, NAME[@SIZE][+READOUT] (e.g. lite0@256+gem),"
+        f" or a named stack: fine-grained (the default: {','.join(DEFAULT_STACK)}) or classic"
+        " (lite0,lite1,lite2 at their own sizes, average pooling)",
     )
     p.add_argument(
         "--pool",
