@@ -24,6 +24,7 @@ from stackvision.neighbours import (
 
 from .cli_helpers import one_line_error, train
 from .conftest import synthetic_image
+from .serving_helpers import images_of
 
 LITE0 = ["--backbones", "lite0", "--tta", "none", "-q"]
 
@@ -379,4 +380,40 @@ def test_doctor_from_shards_streams_and_names_rows_by_their_files(
     assert doctor("--from-shards", shards, "-q") == 0
     assert "shard row" in capsys.readouterr().out
     assert doctor("--from-shards", shards, "--val", dirty["val"], "-q") == 2
-    one_line_error(capsys, "--from-shards", "--val")
+    one_line_error(capsys, "--from-shards", "--val-shards")
+    assert doctor(dirty["train"], "--val-shards", shards, "-q") == 2
+    one_line_error(capsys, "--val-shards", "--from-shards")
+
+
+def test_doctor_from_shards_finds_the_leak_in_the_validation_shards(
+    dirty, cache_dir, tmp_path, capsys
+):
+    """The shard path searches the validation set's shards for leaks, as --val does in memory."""
+    sets = {}
+    for side in ("train", "val"):
+        sets[side] = tmp_path / f"{side}-shards"
+        run = ["extract", str(dirty[side]), "--backbones", "lite0", "--tta", "none", "--cache"]
+        run += [cache_dir, "--export-shards", str(sets[side]), "--shard-rows", "20", "-q"]
+        assert main(run) == 0
+    capsys.readouterr()
+    out = tmp_path / "doc"
+    args = [dirty["train"], "--from-shards", sets["train"], "--val-shards", sets["val"]]
+    assert doctor(*args, "--val", dirty["val"], "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "LEAK" in printed and str(dirty["leak"]) in printed
+    js = json.loads((out / "doctor.json").read_text())
+    leaks = [g for g in js["duplicate_groups"] if g["leak"]]
+    assert len(leaks) == 1 and {str(dirty["src"]), str(dirty["leak"])} == set(leaks[0]["paths"])
+    assert sorted(leaks[0]["splits"]) == ["train", "val"]
+    assert js["summary"]["n_val"] == len(images_of(dirty["val"]))
+    # without --val the validation rows are named by their image hash
+    assert doctor("--from-shards", sets["train"], "--val-shards", sets["val"]) == 0
+    printed = capsys.readouterr().out
+    assert "LEAK" in printed and "val shard row" in printed
+    # shards of other features are refused, naming the folder
+    other = tmp_path / "other"
+    run = ["extract", str(dirty["val"]), "--backbones", "lite1", "--tta", "none", "--cache"]
+    assert main([*run, cache_dir, "--export-shards", str(other), "-q"]) == 0
+    capsys.readouterr()
+    assert doctor("--from-shards", sets["train"], "--val-shards", other, "-q") == 2
+    one_line_error(capsys, str(other), "same --backbones")

@@ -27,21 +27,50 @@ from .errors import StackvisionError
 from .neighbours import PROJECT_DIMS, _unit, duplicate_pairs, groups_from_pairs
 
 
-def streamed_embedding(feats, chunk_rows: int = 8192, project: int | None = PROJECT_DIMS):
-    """Unit rows (N, min(D, project)) of the first view, centred, projected; two passes."""
+def streamed_embedding(
+    feats, chunk_rows: int = 8192, project: int | None = PROJECT_DIMS, frame=None
+):
+    """Unit rows (N, min(D, project)) of the first view, centred, projected; two passes.
+    ``frame``: the (mean, projection) of another set to use instead (val rows are put in the
+    training rows' frame); the frame used is returned beside the rows."""
     n, d = len(feats), feats.dim
-    total = np.zeros(d, np.float64)
-    for _, x in feats.chunks(None, chunk_rows):
-        total += x[:, 0].astype(np.float64).sum(0)
-    mean = (total / max(n, 1)).astype(np.float32)
-    P = None
-    if project and d > project:
-        P = np.random.default_rng(0).standard_normal((d, project)).astype(np.float32)
-    Z = np.empty((n, project if P is not None else d), np.float32)
+    if frame is None:
+        total = np.zeros(d, np.float64)
+        for _, x in feats.chunks(None, chunk_rows):
+            total += x[:, 0].astype(np.float64).sum(0)
+        mean = (total / max(n, 1)).astype(np.float32)
+        P = None
+        if project and d > project:
+            P = np.random.default_rng(0).standard_normal((d, project)).astype(np.float32)
+        frame = (mean, P)
+    mean, P = frame
+    Z = np.empty((n, P.shape[1] if P is not None else d), np.float32)
     for ids, x in feats.chunks(None, chunk_rows):
         z = x[:, 0] - mean
         Z[ids] = _unit(z @ P if P is not None else z)
-    return Z
+    return Z, frame
+
+
+def _val_rows(path: str, train, classes: list[str], chunk_rows, frame, names: dict):
+    """The validation shards' rows in the training rows' frame, their names and class indices."""
+    from .shards import ShardedFeatures
+
+    val = ShardedFeatures(path)
+    if val.dim != train.dim or val.backbones != train.backbones:
+        raise StackvisionError(
+            f"the validation shards at {path} hold other features than the training shards",
+            "export both with the same --backbones (and --pool): stackvision extract VAL "
+            "--backbones ... --export-shards DIR",
+        )
+    Zv, _ = streamed_embedding(val, chunk_rows, frame=frame)
+    pos = {c: i for i, c in enumerate(classes)}
+    vy = np.full(len(val), -1, np.int64)
+    if val.classes:
+        vc = list(val.classes)
+        vy = np.asarray([pos.get(vc[i], -1) if i >= 0 else -1 for i in val.labels()], np.int64)
+    hashes = val.hashes()
+    vnames = [names.get(h) or f"val shard row {i} (image {h[:12]})" for i, h in enumerate(hashes)]
+    return Zv, vnames, vy, hashes
 
 
 def diagnose_shards(
@@ -52,7 +81,10 @@ def diagnose_shards(
     chunk_rows: int = 8192,
     project: int | None = PROJECT_DIMS,
     paths_by_hash: dict[str, str] | None = None,
+    val_path: str | None = None,
 ) -> Diagnosis:
+    """``val_path``: the validation set's shards (same backbones): searched for leaks and
+    outliers, as ``doctor --val`` does in memory."""
     from .shards import ShardedFeatures
     from .streaming import fit_streaming
     from .validation import apply_temperature, fit_temperature, kfold_splits
@@ -69,9 +101,18 @@ def diagnose_shards(
         raise StackvisionError(f"{int((y < 0).sum())} unlabelled rows in {path}", "export again")
     classes = list(feats.classes)
     hashes = feats.hashes()
-    base = np.unique(np.asarray(hashes), return_inverse=True)[1]
-    Z = streamed_embedding(feats, chunk_rows, project)
-    groups = groups_from_pairs(len(Z), duplicate_pairs(Z)[0], base)
+    Z, frame = streamed_embedding(feats, chunk_rows, project)
+    val = None
+    all_hashes = list(hashes)
+    if val_path:
+        Zv, vnames, vy, vhashes = _val_rows(
+            val_path, feats, classes, chunk_rows, frame, paths_by_hash or {}
+        )
+        val, all_hashes = (None, vnames, vy), all_hashes + vhashes
+        Z = np.concatenate([Z, Zv])
+    base = np.unique(np.asarray(all_hashes), return_inverse=True)[1]
+    n = len(y)
+    groups = groups_from_pairs(len(Z), duplicate_pairs(Z)[0], base)[:n]
     counts = np.bincount(y, minlength=len(classes))
     k = int(max(2, min(folds, counts[counts > 0].min())))
     oof = np.full((len(y), len(classes)), 1.0 / len(classes))
@@ -84,7 +125,9 @@ def diagnose_shards(
         (paths_by_hash or {}).get(h) or f"shard row {i} (image {h[:12]})"
         for i, h in enumerate(hashes)
     ]
-    d = diagnose(None, y, classes, names, embedding=Z, oof=oof, base_groups=base, seed=seed)
+    d = diagnose(
+        None, y, classes, names, val=val, embedding=Z, oof=oof, base_groups=base, seed=seed
+    )
     d.stats["seconds"] = round(time.perf_counter() - t0, 3)
     d.stats["out_of_fold"] = f"{k}-fold streamed logreg"
     d.stats["search"] += (

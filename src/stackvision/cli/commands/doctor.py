@@ -34,6 +34,12 @@ def add_arguments(p) -> None:
         help="examine a sharded feature set (extract --export-shards), streamed from disk, for "
         "features larger than memory; DATA, if given, names the rows by their files",
     )
+    p.add_argument(
+        "--val-shards",
+        metavar="DIR",
+        help="with --from-shards: the validation set's shards (extract VAL --export-shards DIR, "
+        "same backbones), searched for leaks and outliers",
+    )
     opt.add_runtime_options(p)
 
 
@@ -87,6 +93,10 @@ def run(args) -> int:
             f"--folds {args.folds}: the doctor needs out-of-fold predictions",
             "use --folds 2 or more",
         )
+    if args.val_shards and not args.from_shards:
+        raise StackvisionError(
+            "--val-shards goes with --from-shards", "add --from-shards TRAIN_SHARDS, or use --val"
+        )
     if args.out:
         opt.check_out(args, "doctor", opt.data_inputs(args))
     if args.from_shards:
@@ -121,17 +131,25 @@ def _run_shards(args) -> int:
     from ...errors import StackvisionError
     from ...images import ImageDecodeError, read_bytes
 
-    if args.val or args.exclude:
+    if (args.val and not args.val_shards) or args.exclude:
         raise StackvisionError(
             "--from-shards examines the shards' rows only",
-            "drop --val/--exclude (or --from-shards)",
+            "export the validation set as shards too and pass --val-shards DIR (--val then "
+            "names its rows); drop --exclude",
         )
+    files = list(opt.listing(args).paths) if args.data or args.labels else []
+    files += (opt.validation_data(args) or ([], []))[0]
     by_hash = {}
-    if args.data or args.labels:
-        for p in opt.listing(args).paths:  # name the rows by their files
-            with contextlib.suppress(ImageDecodeError):  # unreadable: left unnamed
-                by_hash.setdefault(content_hash(read_bytes(p)), p)
-    d = diagnose_shards(args.from_shards, folds=args.folds, seed=args.seed, paths_by_hash=by_hash)
+    for p in files:  # name the rows by their files
+        with contextlib.suppress(ImageDecodeError):  # unreadable: left unnamed
+            by_hash.setdefault(content_hash(read_bytes(p)), p)
+    d = diagnose_shards(
+        args.from_shards,
+        folds=args.folds,
+        seed=args.seed,
+        paths_by_hash=by_hash,
+        val_path=args.val_shards,
+    )
     _print(args, d)
     _write(args, d, [], args.from_shards)
     return 0
