@@ -140,7 +140,7 @@ def check_decode_pixels(images):
     return rows
 
 
-def check_extract(images, n, work):
+def check_extract(images, n, work, backbones=("lite0", "lite2"), batch_sizes=(64,), kinds=None):
     import torch
 
     import stackvision.extract as ex
@@ -172,10 +172,9 @@ def check_extract(images, n, work):
     ex.create_engine = timed_create
     pool_cls = ex.TorchvisionPool
     try:
-        for name in ("lite0", "lite2"):
+        for name, bs in [(b, n) for b in backbones for n in batch_sizes]:
             spec = resolve(name)
             pp = spec.preprocess
-            bs = 64
             eng = create_engine(spec, engine="torch", device="cuda")
             x = np.stack([pp.to_uint8(load_rgb(p, pp.resize_size)) for p in paths[:bs]])
             eng.features(x)
@@ -188,6 +187,7 @@ def check_extract(images, n, work):
             # nvJPEG, resize on the GPU; 1, 2 (the default on CUDA) and 4 batches decoded at once
             runs += [("torchvision", auto_workers, k) for k in decoder_threads()]
             runs += [("auto", None, 0)]
+            runs = [r for r in runs if kinds is None or r[0] in kinds]
             for kind, workers, k in runs:
                 ex.TorchvisionPool = functools.partial(pool_cls, decoders=k) if k else pool_cls
                 with tempfile.TemporaryDirectory(dir=work) as c:
@@ -321,6 +321,11 @@ def main() -> int:
     ap.add_argument("--train", help="a class-folder set to fine-tune on")
     ap.add_argument("--n-images", type=int, default=2000)
     ap.add_argument("--out", default="gpu_check.md")
+    ap.add_argument("--extract-backbones", default="lite0,lite2", help="backbones to extract")
+    ap.add_argument(
+        "--batch-sizes", default="64", help="comma-separated batch sizes to extract with"
+    )
+    ap.add_argument("--decoders", default="", help="comma-separated decoder kinds (default: all)")
     ap.add_argument("--skip", default="", help="comma-separated: features,pixels,extract,finetune")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -344,7 +349,16 @@ def main() -> int:
     if "pixels" not in skip:
         section("nvJPEG pixels vs the CPU decoders", lambda: check_decode_pixels(images), lines)
     if "extract" not in skip:
-        section("extraction on the GPU", lambda: check_extract(images, args.n_images, work), lines)
+        ext = {
+            "backbones": args.extract_backbones.split(","),
+            "batch_sizes": [int(b) for b in args.batch_sizes.split(",")],
+            "kinds": args.decoders.split(",") if args.decoders else None,
+        }
+        section(
+            "extraction on the GPU",
+            lambda: check_extract(images, args.n_images, work, **ext),
+            lines,
+        )
     if args.train and "finetune" not in skip:
         section("fine-tuning on the GPU", lambda: check_finetune(args.train, work), lines)
     text = "\n".join(lines) + "\n"
