@@ -179,11 +179,14 @@ def diagnose(
     dup_csls: float = DUP_CSLS,
     progress: bool = False,
     embedding: np.ndarray | None = None,
+    neighbours: tuple | None = None,
 ) -> Diagnosis:
     """Examine training features ``X`` (N, views, D) with class indices ``y``.
 
     ``embedding``: the unit rows to search (train then val) when ``X`` is not in memory (the shard
-    path gives them, with ``oof``; ``X`` may then be None).
+    path gives them, with ``oof``; ``X`` may then be None). ``neighbours``: what
+    :func:`duplicate_pairs` gave on ``embedding`` with ``dup_csls``, when the caller already
+    searched it (the shard path, for its folds): the search is not run twice.
 
     ``val``: (features, paths, class indices or None) of a validation set, searched for leaks and
     outliers. ``oof``: out-of-fold probabilities for every training row (else computed).
@@ -207,7 +210,7 @@ def diagnose(
     # 1. neighbours, near-duplicates, leaks
     E = embed(Xa).vectors if embedding is None else embedding
     k = min(K, max(m - 1, 1))
-    pairs, r = duplicate_pairs(E, k, dup_csls)
+    pairs, r = neighbours if neighbours is not None else duplicate_pairs(E, k, dup_csls)
     gid = groups_from_pairs(m, pairs, base_groups)
     members: dict[int, list[int]] = {}
     for i, g in enumerate(gid.tolist()):

@@ -112,7 +112,8 @@ def diagnose_shards(
         Z = np.concatenate([Z, Zv])
     base = np.unique(np.asarray(all_hashes), return_inverse=True)[1]
     n = len(y)
-    groups = groups_from_pairs(len(Z), duplicate_pairs(Z)[0], base)[:n]
+    neighbours = duplicate_pairs(Z)  # also the diagnosis's: searched once
+    groups = groups_from_pairs(len(Z), neighbours[0], base)[:n]
     counts = np.bincount(y, minlength=len(classes))
     k = int(max(2, min(folds, counts[counts > 0].min())))
     oof = np.full((len(y), len(classes)), 1.0 / len(classes))
@@ -126,7 +127,16 @@ def diagnose_shards(
         for i, h in enumerate(hashes)
     ]
     d = diagnose(
-        None, y, classes, names, val=val, embedding=Z, oof=oof, base_groups=base, seed=seed
+        None,
+        y,
+        classes,
+        names,
+        val=val,
+        embedding=Z,
+        oof=oof,
+        base_groups=base,
+        seed=seed,
+        neighbours=neighbours,
     )
     d.stats["seconds"] = round(time.perf_counter() - t0, 3)
     d.stats["out_of_fold"] = f"{k}-fold streamed logreg"

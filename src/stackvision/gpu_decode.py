@@ -106,9 +106,10 @@ class TorchvisionPool:
     def __init__(self, device: str = "cpu", workers: int = 4, decoders: int | None = None):
         self.device = str(device)
         self.workers = max(1, int(workers))
-        # batches decoded at once, each in its own thread (and CUDA stream): the next batches are
-        # decoded while the model runs on this one, and nvJPEG's CPU part (Huffman decoding)
-        # of one batch overlaps the GPU part of another
+        # batches decoded at once, each in its own thread (and CUDA stream), while the model
+        # runs on the one before. On an H200 two beat one at the CLI's batch of 32 (1,160 vs
+        # 950 img/s) and were even at 64; more do not help, since torchvision serialises its
+        # nvJPEG decoder (BENCHMARKS.md, issue 14 section 4)
         self.decoders = max(1, int(decoders or (2 if self.device.startswith("cuda") else 1)))
         self._ex: ThreadPoolExecutor | None = None
         self._streams = threading.local()
