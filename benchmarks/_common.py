@@ -81,6 +81,14 @@ def write_section(name: str, body: str, path: str | None = None) -> str:
     return path
 
 
+def write_results(path: str, text: str) -> None:
+    """A benchmark's results file (its folder made), and the same text on stdout."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(text)
+    print(text)
+
+
 def md_table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
         if v is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import SHARED_DATA, cpu_flags, today
+from _common import SHARED_DATA, cpu_flags, today, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = {"cub86": ("cub86", "train"), "imagewoof": ("imagewoof", "val")}
@@ -98,9 +98,7 @@ def main() -> int:
 | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
 {chr(10).join(rows)}
 """
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_results(args.out, text)
     return 0
 
 

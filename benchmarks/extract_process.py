@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import cpu_flags, today
+    from _common import cpu_flags, today, write_results
 
     srcs = [Path(s).resolve() for s in (args.src or [str(REPO / "src")])]
     work = Path(tempfile.mkdtemp(prefix="sv-process-"))
@@ -195,9 +195,7 @@ def main(argv=None) -> int:
 | --- | --- | --- | ---: | ---: | ---: | ---: | --- |
 {chr(10).join(rows)}
 """
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_results(args.out, text)
     print(f"written to {args.out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0

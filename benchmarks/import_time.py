@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import SHARED_DATA, cpu_flags, today
+from _common import SHARED_DATA, cpu_flags, today, write_results
 
 HEAVY = ("timm", "torch", "torchvision", "sklearn", "openvino", "onnxruntime")
 LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
@@ -86,9 +86,7 @@ def main() -> int:
 | --- | ---: | ---: | --- |
 {chr(10).join(rows)}
 """
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_results(args.out, text)
     return 0
 
 
