@@ -187,6 +187,30 @@ def test_file_size_limit_is_checked_before_reading(tmp_path, monkeypatch):
         read_bytes(str(p))
 
 
+def test_a_file_that_grew_after_its_stat_is_read_whole_up_to_the_limit(tmp_path, monkeypatch):
+    """read_bytes reads the stat's size plus one byte; more bytes than the stat said (the file
+    grew in between) are read on, and still refused over the limit."""
+    import os
+
+    import stackvision.images as images
+
+    monkeypatch.delenv("STACKVISION_MAX_IMAGE_MB", raising=False)  # the default limit
+    p = tmp_path / "growing.jpg"
+    p.write_bytes(bytes(range(256)) * 8192)  # 2 MiB
+    real_stat = os.stat
+
+    def stale_stat(path, *a, **kw):  # the size it had before it grew
+        st = real_stat(path, *a, **kw)
+        return os.stat_result((st.st_mode, *st[1:6], 1000, *st[7:]))
+
+    monkeypatch.setattr(images.os, "stat", stale_stat)
+    assert images.read_bytes(str(p)) == p.read_bytes()
+    monkeypatch.setenv("STACKVISION_MAX_IMAGE_MB", "1")
+    with pytest.raises(ImageDecodeError) as exc:
+        images.read_bytes(str(p))
+    assert exc.value.too_large and "over the limit of 1.0 MiB" in exc.value.reason
+
+
 def test_decode_errors_survive_pickling():
     import pickle
 

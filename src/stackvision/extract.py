@@ -115,6 +115,11 @@ def extract(
     workers = workers or default_workers(mdev)
     cache = cache or FeatureCache()
     t0 = time.perf_counter()
+    if decoder == "torchvision" and precision != "int8":  # int8 calibrates on hashes first
+        return _one_pass_extract(
+            paths, specs, views, pool, cache, engine, precision, device, mdev,
+            batch_size, strict, progress, assemble,
+        )  # fmt: skip
 
     # 1. Content hashes (cheap next to inference; they are what the cache is keyed by).
     hashes: list[str | None] = [None] * len(paths)
@@ -131,18 +136,7 @@ def extract(
     hash_bar.close()
     t_hash = time.perf_counter() - t0
     calibs = _calibrations(paths, hashes, specs, precision, calibration or {})
-    stores = {
-        s.name: cache.store(
-            store_fields(
-                s,
-                pool,
-                numbers_id(engine, precision, calibs.get(s.name), device),
-                pixels_id(decoder),
-            ),
-            s.feature_dim,
-        )
-        for s in specs
-    }
+    stores = _stores(cache, specs, pool, engine, precision, device, decoder, calibs)
 
     # 2. Which (image, backbone) pairs are missing any requested view.
     live, lacking = missing_by_view(stores, hashes, views)  # only these (hash, view) are computed
@@ -184,7 +178,7 @@ def extract(
                 for i in batch
             ]
 
-        if decoder == "torchvision":  # decode on the model's device (nvJPEG on CUDA)
+        if decoder == "torchvision":  # int8: decode on the model's device, hashes known
             decode_pool = TorchvisionPool(mdev, workers)
         else:
             kind = default_kind(mdev, workers, len(need)) if decoder == "pil" else decoder
@@ -231,7 +225,67 @@ def extract(
         paths, hashes, failed, stores, specs, views, strict=strict, assemble=assemble
     )
     n_new = len(need) - sum(1 for i in need if i in failed)
-    stats = {
+    stats = _stats(paths, keep, failed, n_cached, n_new, computed, t_hash, t_compute, t0)
+    stats["calibration"] = {name: c.key for name, c in calibs.items()}
+    stats["pixels"] = pixels_id(decoder)
+    return Features(
+        [paths[i] for i in keep], np.asarray(keep, dtype=np.int64), kept_hashes, views, blocks,
+        problems, stats,
+    )  # fmt: skip
+
+
+def _one_pass_extract(
+    paths, specs, views, pool, cache, engine, precision, device, mdev, batch_size, strict,
+    progress, assemble,
+) -> Features:  # fmt: skip
+    """:func:`extract` with ``--decoder torchvision``: each file read once (:mod:`.one_pass`)."""
+    from .one_pass import one_pass
+
+    t0 = time.perf_counter()
+    stores = _stores(cache, specs, pool, engine, precision, device, "torchvision", {})
+    say(
+        f"extract: {len(paths):,} image(s) x {len(views)} view(s) through "
+        f"{'+'.join(s.name for s in specs)}, each file read once, decoded on {mdev}",
+        progress,
+    )
+
+    def make(spec):
+        kw = {"pool": pool, "engine": engine, "device": device, "precision": precision}
+        return create_engine(spec, **kw, cache_dir=cache.base)
+
+    r = one_pass(
+        paths, specs, stores, views, make, device=mdev, batch_size=batch_size, strict=strict,
+        progress=progress,
+    )  # fmt: skip
+    t_compute = time.perf_counter() - t0
+    keep, kept_hashes, blocks, problems = collect(
+        paths, r.hashes, r.failed, stores, specs, views, strict=strict, assemble=assemble
+    )
+    n_cached = sum(h is not None for h in r.hashes) - r.n_lacking
+    n_new = r.n_lacking - r.n_decode_failed
+    stats = _stats(paths, keep, r.failed, n_cached, n_new, r.computed, 0.0, t_compute, t0)
+    stats.update(calibration={}, pixels="torchvision")
+    return Features(
+        [paths[i] for i in keep], np.asarray(keep, dtype=np.int64), kept_hashes, tuple(views),
+        blocks, problems, stats,
+    )  # fmt: skip
+
+
+def _stores(cache, specs, pool, engine, precision, device, decoder, calibs) -> dict:
+    return {
+        s.name: cache.store(
+            store_fields(
+                s, pool, numbers_id(engine, precision, calibs.get(s.name), device),
+                pixels_id(decoder),
+            ),
+            s.feature_dim,
+        )
+        for s in specs
+    }  # fmt: skip
+
+
+def _stats(paths, keep, failed, n_cached, n_new, computed, t_hash, t_compute, t0) -> dict:
+    return {
         "n_images": len(paths),
         "n_used": len(keep),
         "n_bad": len(failed),
@@ -242,18 +296,7 @@ def extract(
         "compute_seconds": round(t_compute, 3),
         "images_per_second": round(n_new / t_compute, 2) if n_new and t_compute > 0 else None,
         "seconds": round(time.perf_counter() - t0, 3),
-        "calibration": {name: c.key for name, c in calibs.items()},
-        "pixels": pixels_id(decoder),
     }
-    return Features(
-        paths=[paths[i] for i in keep],
-        index=np.asarray(keep, dtype=np.int64),
-        hashes=kept_hashes,
-        views=views,
-        blocks=blocks,
-        problems=problems,
-        stats=stats,
-    )
 
 
 def check_args(views, batch_size) -> None:

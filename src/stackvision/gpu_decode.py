@@ -5,7 +5,10 @@ With the model on a GPU, decoding on the CPU is the bound: on an H200, lite0 ext
 decodes each batch of JPEGs with ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG,
 batched, on CUDA) and resizes and crops on the same device (``torch.nn.functional.interpolate``,
 antialiased), with the arithmetic of :meth:`Preprocess.to_uint8` (short side to
-``floor(size / crop_pct)``, centre crop). Only the crops go back to the host.
+``floor(size / crop_pct)``, centre crop). :meth:`TorchvisionPool.decode_crops` leaves the crops
+on the device; :mod:`stackvision.one_pass` (what ``extract`` runs with this decoder) hands them
+to the torch engine there. :class:`TorchvisionPool` as a pool (:meth:`~TorchvisionPool.run`,
+crops to the host) serves int8 extraction, whose calibration needs every hash first.
 
 Pixels: another IDCT and chroma upsampling, no JPEG draft mode and torch's antialiased resize
 instead of PIL's make pixels a little different from the PIL decoders' (threads, processes),
@@ -158,6 +161,16 @@ class TorchvisionPool:
     def decode_batch(self, batch: Sequence, reads: Sequence) -> list:
         """``batch``: (path, [(key, Preprocess), ...]) items; ``reads``: what :func:`_read` gave
         for each. Returns ``{key: uint8 (S, S, 3)}`` or the :class:`ImageDecodeError` per item."""
+        errors, crops = self.decode_crops(batch, reads)
+        out: list = [e if e is not None else {} for e in errors]
+        for key, (rows, tensor) in crops.items():
+            for i, arr in zip(rows, tensor.cpu().numpy()):
+                out[i][key] = arr
+        return out
+
+    def decode_crops(self, batch: Sequence, reads: Sequence) -> tuple[list, dict]:
+        """As :meth:`decode_batch`, with the crops left on the device: (per item its
+        :class:`ImageDecodeError` or None, ``{key: (rows, uint8 (N, S, S, 3) tensor)}``)."""
         import torch
 
         images: list = [r if isinstance(r, ImageDecodeError) else None for r in reads]
@@ -176,7 +189,6 @@ class TorchvisionPool:
                     continue
                 arr = torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1)
                 images[i] = arr.to(self.device)
-        out: list = [im if isinstance(im, ImageDecodeError) else {} for im in images]
         groups: dict = {}  # (key, image size) -> rows: one resize call for each group
         for i, (_, pps) in enumerate(batch):
             if isinstance(images[i], ImageDecodeError):
@@ -188,11 +200,8 @@ class TorchvisionPool:
             rows, tensors = crops.setdefault(key, ([], []))
             rows += idx
             tensors.append(resize_crop(torch.stack([images[i] for i in idx]), pp))
-        for key, (rows, tensors) in crops.items():
-            host = torch.cat(tensors).cpu().numpy()
-            for i, arr in zip(rows, host):
-                out[i][key] = arr
-        return out
+        errors = [im if isinstance(im, ImageDecodeError) else None for im in images]
+        return errors, {key: (rows, torch.cat(ts)) for key, (rows, ts) in crops.items()}
 
     def _decode_jpegs(self, datas: list[bytes]) -> list:
         """Device tensors (3, H, W) for each JPEG; None where the decoder failed (PIL then)."""
@@ -221,6 +230,14 @@ def _read(path: str):
     """(bytes, decode-with-torchvision?) for one file, or its :class:`ImageDecodeError`."""
     try:
         data = read_bytes(path)
+    except ImageDecodeError as exc:
+        return exc
+    return check_read(data, path)
+
+
+def check_read(data: bytes, path: str):
+    """What :func:`_read` gives for bytes already read: the header's limits checked."""
+    try:
         if not data:
             raise ImageDecodeError(path, "empty file (0 bytes)")
         fmt, w, h = probe(data, path)

@@ -248,8 +248,12 @@ def read_bytes(path: str) -> bytes:
             raise ImageDecodeError(path, f"{_file_kind(st.st_mode)}, not a regular file; skipped")
         if st.st_size > limit:
             raise _too_big(path, st.st_size, limit)
-        with open(path, "rb") as fh:
-            data = fh.read(limit + 1)  # the file may have grown since the stat
+        with open(path, "rb", buffering=0) as fh:
+            # read what the stat promised, plus one byte to see growth: reading ``limit + 1`` at
+            # once allocates the limit's worth for every file (38 vs 11 us a small JPEG here)
+            data = fh.read(st.st_size + 1)
+            if len(data) > st.st_size:  # it grew since the stat: the rest, up to the limit
+                data += fh.read(limit + 1 - len(data))
         if len(data) > limit:
             raise _too_big(path, len(data), limit)
         return data

@@ -13,6 +13,8 @@ from ..preprocess import Normalize
 
 class TorchEngine:
     numbers_id = "fp32"
+    #: ``features`` takes a uint8 torch tensor too (crops decoded on the GPU stay there)
+    takes_tensors = True
 
     def __init__(self, spec: BackboneSpec, pool: str = "avg", device: str = "cpu"):
         self.spec = spec
@@ -24,8 +26,11 @@ class TorchEngine:
         self.normalize = Normalize(spec.preprocess).to(self.device)
 
     @torch.inference_mode()
-    def features(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+    def features(self, batch) -> np.ndarray:
+        if isinstance(batch, torch.Tensor):
+            x = batch.to(self.device)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
         x = self.normalize(x).contiguous(memory_format=torch.channels_last)
         with exact_fp32(self.device):
             return self.model(x).float().cpu().numpy()
