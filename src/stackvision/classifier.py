@@ -207,10 +207,13 @@ class StackedClassifier(ModelBase):
             self.problems_ += val_feats.problems
             vyk = np.asarray([index[vy[i]] for i in val_feats.index], np.int64)
 
-        self.head_kind_, self.head_params_, self.head_selection_ = choose_head(
+        kfold = self.folds >= 2  # the LDA weight from the folds' own out-of-fold rows
+        self.head_kind_, self.head_params_, self.head_selection_, lda = choose_head(
             self.head, self.head_params, Xs, yk, len(self.classes_), n_views=self.n_views_,
             groups=groups, class_weight=cw, seed=self.seed, progress=self._runtime().progress,
+            lda_by_inner_cv=not kfold,
         )  # fmt: skip
+        lda_auto = kfold and self.head_kind_ == "logreg" and "lda" not in (self.head_params_ or {})
         res = fit_stack_heads(
             self.head_kind_,
             self.head_params_,
@@ -226,13 +229,18 @@ class StackedClassifier(ModelBase):
             seed=self.seed,
             progress=self._runtime().progress,
             groups=groups,
+            lda_auto=lda_auto,
         )
+        if res.lda:
+            lda, self.head_params_ = res.lda, {**(self.head_params_ or {}), "lda": res.lda["lda"]}
         if res.metrics is not None:
             res.metrics["duplicates"] = dups.summary()
             if self.group_duplicates:  # how many groups the splits kept whole
                 res.metrics["duplicates"]["split_groups"] = int(groups.max(initial=-1) + 1)
             if self.head_selection_:
                 res.metrics["head_selection"] = self.head_selection_
+            if lda:  # how the weight of the LDA logits in the logreg head was chosen
+                res.metrics["lda"] = lda
         self.heads_, self.histories_, self.splits_ = res.heads, res.histories, res.splits
         self.train_paths_ = [feats.paths[i] for i in res.train_idx]
         self.train_y_ = yk[res.train_idx]

@@ -68,13 +68,20 @@ class LogRegHead(_Head):
     Same objective as scikit-learn's ``LogisticRegression(C=C)`` (mean loss + ||W||^2 / (2 C n)),
     solved with full-batch L-BFGS in torch: on 3,840-dim stacked features it is an order of
     magnitude faster than scikit-learn's scipy L-BFGS-B here (measured: 8.6 s vs 0.5 s a fold).
+
+    ``lda > 0`` adds ``lda`` times the logits of a shrinkage LDA (:func:`shrinkage_lda`, fitted
+    on the same standardised rows) to the weights: still one linear layer, so export and serving
+    are unchanged. :class:`~stackvision.StackedClassifier` picks ``lda`` from inner-CV
+    temperatures (:func:`stackvision.head_select.choose_lda`).
     """
 
     kind = "logreg"
-    defaults = {"C": 0.02, "max_iter": 60}
+    defaults = {"C": 0.02, "max_iter": 60, "lda": 0.0, "lda_shrinkage": 0.5}
     constraints = {
         "C": [Interval(numbers.Real, 0, None, closed="neither")],
         "max_iter": [Interval(numbers.Integral, 1, None)],
+        "lda": [Interval(numbers.Real, 0, None, closed="left")],
+        "lda_shrinkage": [Interval(numbers.Real, 0, 1, closed="right")],
     }
 
     def fit(self, X, y, n_classes, X_val=None, y_val=None, sample_weight=None, seed=0):
@@ -114,6 +121,12 @@ class LogRegHead(_Head):
         opt.step(closure)
         self.coef_ = W.detach().numpy().T.copy()
         self.intercept_ = b.detach().numpy().copy()
+        if self.params["lda"] > 0:
+            lw, lb = shrinkage_lda(
+                Xt.numpy(), np.asarray(y), n_classes, self.params["lda_shrinkage"]
+            )
+            self.coef_ += np.float32(self.params["lda"]) * lw
+            self.intercept_ += np.float32(self.params["lda"]) * lb
         return self
 
     def decision_function(self, X):
@@ -131,6 +144,36 @@ class LogRegHead(_Head):
         self.mean_, self.scale_ = state["mean"], state["scale"]
         self.coef_, self.intercept_ = state["weight"], state["bias"]
         return self
+
+
+def shrinkage_lda(X: np.ndarray, y: np.ndarray, n_classes: int, shrinkage: float = 0.5):
+    """Linear discriminant analysis with a shrunk shared covariance, on standardised rows:
+    (weights (C, D), biases (C,)) of its logits, equal class priors.
+
+    The covariance is ``(1 - shrinkage) * S + shrinkage * mean(diag S) * I`` (S: the pooled
+    within-class covariance). With ~30 images a class and thousands of features S is singular;
+    0.5 was the middle of the flat optimum (0.3-0.7) on cub86, and was then used unchanged on
+    flowers5 and imagewoof (BENCHMARKS.md, issue 12). A class with no row gets zero weights.
+    """
+    X = np.asarray(X, np.float32)
+    d = X.shape[1]
+    counts = np.bincount(y, minlength=n_classes)
+    means = np.zeros((n_classes, d), np.float32)
+    np.add.at(means, y, X)
+    means /= np.maximum(counts, 1)[:, None]
+    centred = X - means[y]
+    cov = (centred.T @ centred).astype(np.float64) / max(len(X) - n_classes, 1)
+    mu = float(np.trace(cov)) / d
+    cov *= 1.0 - shrinkage
+    cov[np.diag_indices(d)] += shrinkage * max(mu, 1e-12)
+    from scipy.linalg import cho_factor, cho_solve
+
+    w = cho_solve(cho_factor(cov, overwrite_a=True), means.T.astype(np.float64)).T
+    w[counts == 0] = 0.0
+    b = -0.5 * np.einsum("cd,cd->c", w, means)
+    if (counts == 0).any():  # a class this fold never saw: never the LDA's pick
+        b[counts == 0] = b[counts > 0].min() - 100.0
+    return w.astype(np.float32), b.astype(np.float32)
 
 
 class MLPHead(_Head):

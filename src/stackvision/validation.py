@@ -198,6 +198,7 @@ class StackFit:
     oof_proba: np.ndarray | None = None
     eval: tuple | None = None
     metrics: dict | None = None
+    lda: dict | None = None  # how fold_lda weighed the LDA logits (lda_auto), else None
 
 
 def fit_stack_heads(
@@ -216,6 +217,7 @@ def fit_stack_heads(
     seed,
     progress=False,
     groups=None,
+    lda_auto=False,
 ) -> StackFit:
     """Heads on stacked features ``X`` (N, n_views, D) with labels ``y``, calibrated and scored.
 
@@ -223,7 +225,8 @@ def fit_stack_heads(
     ensemble on ``val``, when given). Otherwise one head, early-stopped, calibrated and scored on
     ``val`` = (Xv, yv), or on a ``val_split`` of ``X``; with neither, one head on everything.
     ``groups``: one id per row of ``X``, equal for identical images, which every split keeps on
-    one side.
+    one side. ``lda_auto`` (k folds, logreg): the folds' heads get the LDA weight
+    :func:`stackvision.head_select.fold_lda` chooses on their out-of-fold rows.
     """
     from .metrics import classification_metrics
 
@@ -231,9 +234,19 @@ def fit_stack_heads(
     if folds >= 2:
         splits = kfold_splits(y, folds, seed, groups)
         res = cross_validate(kind, params, X, y, n, splits, n_views, class_weight, seed, progress)
+        lda = None
+        if lda_auto and kind == "logreg":
+            from .head_select import fold_lda
+
+            lda = fold_lda(res.heads, X, y, n, splits, n_views, progress)
+            if lda["lda"]:  # the blended heads' out-of-fold probabilities
+                full = np.zeros((len(y), n))
+                for head, (_, va) in zip(res.heads, splits):
+                    full[va] = predict_views(head, X[va], n_views)
+                res.oof_proba = full[res.oof_index]
         t = fit_temperature(res.oof_proba, y) if calibrate else 1.0
         oof = apply_temperature(res.oof_proba, t)
-        out = StackFit(res.heads, res.histories, t, np.arange(len(y)), splits, oof)
+        out = StackFit(res.heads, res.histories, t, np.arange(len(y)), splits, oof, lda=lda)
         out.eval = ("train", res.oof_index, y[res.oof_index], oof)
         out.metrics = {
             "validation": f"{folds}-fold out-of-fold",
