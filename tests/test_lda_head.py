@@ -106,3 +106,22 @@ def _rows(model):
     feats, y = model._features_cache, model._feature_y
     tr = model.splits_[0][0]
     return feats.stacked()[tr, 0], y[tr]
+
+
+def test_through_the_cli_the_weight_is_recorded_and_lda_0_turns_it_off(
+    stack_dir, flowers_small, cache_dir, tmp_path
+):
+    import json
+
+    from .conftest import _cli_train
+
+    def saved(d):
+        return (json.loads((d / "manifest.json").read_text())["head"],
+                json.loads((d / "metrics.json").read_text()))  # fmt: skip
+
+    head, metrics = saved(stack_dir)  # the default: the weight chosen and recorded
+    assert head["kind"] == "logreg" and head["params"]["lda"] == metrics["lda"]["lda"]
+    assert set(metrics["lda"]["log_loss"]) == {"logreg", "lda", "blend"}
+    off = _cli_train(flowers_small, tmp_path / "off", cache_dir, "--head-param", "lda=0")
+    head, metrics = saved(off)
+    assert head["params"]["lda"] == 0 and "lda" not in metrics

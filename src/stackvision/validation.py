@@ -226,7 +226,7 @@ def fit_stack_heads(
     ``val`` = (Xv, yv), or on a ``val_split`` of ``X``; with neither, one head on everything.
     ``groups``: one id per row of ``X``, equal for identical images, which every split keeps on
     one side. ``lda_auto`` (k folds, logreg): the folds' heads get the LDA weight
-    :func:`stackvision.head_select.fold_lda` chooses on their out-of-fold rows.
+    :func:`stackvision.lda.fold_lda` chooses on their out-of-fold rows.
     """
     from .metrics import classification_metrics
 
@@ -236,7 +236,7 @@ def fit_stack_heads(
         res = cross_validate(kind, params, X, y, n, splits, n_views, class_weight, seed, progress)
         lda = None
         if lda_auto and kind == "logreg":
-            from .head_select import fold_lda
+            from .lda import fold_lda
 
             lda = fold_lda(res.heads, X, y, n, splits, n_views, progress)
             if lda["lda"]:  # the blended heads' out-of-fold probabilities
