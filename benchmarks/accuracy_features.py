@@ -70,24 +70,30 @@ def datasets(which):
     return out
 
 
-def score(row, data, cache):
-    _, backbones, pool, head = row
+def fit_and_score(model, data) -> tuple[dict, float, int]:
+    """Fit ``model`` on ``data``'s training part, score it on the test part: (metrics, fit
+    seconds, test images)."""
     (trp, trl), (tep, tel) = data
-    model = StackedClassifier(backbones, pool=pool, head=head, tta="none", folds=5,
-                              runtime=Runtime(cache_dir=cache))  # fmt: skip
     t0 = time.perf_counter()
     model.fit(trp, trl)
     t_fit = time.perf_counter() - t0
     pred = model.predict_paths(tep)
     index = {c: i for i, c in enumerate(model.classes_)}
     label = dict(zip(tep, tel))
-    m = classification_metrics(np.asarray([index[label[p]] for p in pred.paths]), pred.proba,
-                               model.classes_)  # fmt: skip
+    y = np.asarray([index[label[p]] for p in pred.paths])
+    return classification_metrics(y, pred.proba, model.classes_), t_fit, len(y)
+
+
+def score(row, data, cache):
+    _, backbones, pool, head = row
+    model = StackedClassifier(backbones, pool=pool, head=head, tta="none", folds=5,
+                              runtime=Runtime(cache_dir=cache))  # fmt: skip
+    m, t_fit, n_test = fit_and_score(model, data)
     sel = model.head_selection_
     return {
         "accuracy": round(m["accuracy"], 4),
         "log_loss": round(m["log_loss"], 4),
-        "n_test": len(pred.paths),
+        "n_test": n_test,
         "feature_dim": int(sum(s.feature_dim for s in model.specs_)),
         "fit_seconds": round(t_fit, 1),
         "head": f"{sel['kind']} {sel['params']}" if sel else head,

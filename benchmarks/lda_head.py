@@ -19,30 +19,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import SHARED_DATA, cpu_flags, machine, md_table, today, write_results  # noqa: E402
-from accuracy_features import datasets  # noqa: E402
+from accuracy_features import datasets, fit_and_score  # noqa: E402
 from stackvision import Runtime, StackedClassifier  # noqa: E402
 from stackvision.data import from_folder  # noqa: E402
-from stackvision.metrics import classification_metrics  # noqa: E402
 
 
 def fit_score(data, cache, head_params):
-    (trp, trl), (tep, tel) = data
     model = StackedClassifier(head_params=head_params, runtime=Runtime(cache_dir=cache))
-    t0 = time.perf_counter()
-    model.fit(trp, trl)
-    t_fit = time.perf_counter() - t0
-    pred = model.predict_paths(tep)
-    index = {c: i for i, c in enumerate(model.classes_)}
-    label = dict(zip(tep, tel))
-    y = np.asarray([index[label[p]] for p in pred.paths])
-    m = classification_metrics(y, pred.proba, model.classes_)
+    m, t_fit, n_test = fit_and_score(model, data)
     lda = (model.metrics_ or {}).get("lda") or {}
     return {
         "accuracy": m["accuracy"],
@@ -50,7 +38,7 @@ def fit_score(data, cache, head_params):
         "fit_s": t_fit,
         "weight": model.head_params_.get("lda", 0.0),
         "choice_s": lda.get("seconds", 0.0),
-        "n_test": len(y),
+        "n_test": n_test,
     }
 
 

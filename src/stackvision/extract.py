@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backbones import BackboneSpec
-from .cache import VIEWS, FeatureCache, content_hash, store_fields
+from .cache import VIEWS, FeatureCache, store_fields
 from .data import Problem
 from .decoding import DecodePool, default_kind, default_workers
 from .engines import create_engine, numbers_id
 from .errors import StackvisionError
 from .gpu_decode import TorchvisionPool, pixels_id, resolve_decoder
-from .images import ImageDecodeError, read_bytes
+from .images import ImageDecodeError
+from .one_pass import one_pass, read_hashed
 from .progress import progress as progress_bar
 from .progress import say
 
@@ -71,13 +72,8 @@ def model_device(engine: str = "auto", device: str = "auto", precision: str = "f
 
 
 def _hash_file(path: str) -> str | ImageDecodeError:
-    try:
-        data = read_bytes(path)
-    except ImageDecodeError as exc:
-        return exc
-    if not data:
-        return ImageDecodeError(path, "empty file (0 bytes)")
-    return content_hash(data)
+    got = read_hashed(path)
+    return got if isinstance(got, ImageDecodeError) else got[0]
 
 
 def extract(
@@ -239,8 +235,6 @@ def _one_pass_extract(
     progress, assemble,
 ) -> Features:  # fmt: skip
     """:func:`extract` with ``--decoder torchvision``: each file read once (:mod:`.one_pass`)."""
-    from .one_pass import one_pass
-
     t0 = time.perf_counter()
     stores = _stores(cache, specs, pool, engine, precision, device, "torchvision", {})
     say(

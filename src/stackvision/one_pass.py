@@ -106,7 +106,8 @@ class _Stages:
         return th
 
 
-def _load(path: str):
+def read_hashed(path: str) -> tuple[str, bytes] | ImageDecodeError:
+    """(content hash, bytes) of one file, or why it cannot be used (see :func:`read_bytes`)."""
     try:
         data = read_bytes(path)
     except ImageDecodeError as exc:
@@ -180,7 +181,7 @@ def one_pass(
             for start in range(0, len(paths), batch_size):
                 if st.stop.is_set():
                     return
-                window.append((start, [pool.submit(_load, p) for p in paths[start : start + batch_size]]))  # fmt: skip
+                window.append((start, [pool.submit(read_hashed, p) for p in paths[start : start + batch_size]]))  # fmt: skip
                 if len(window) > AHEAD:
                     chunk(*window.popleft())
             while window and not st.stop.is_set():
