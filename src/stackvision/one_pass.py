@@ -101,7 +101,7 @@ class _Stages:
                 self.errors.append(exc)
                 self.stop.set()
 
-        th = threading.Thread(target=body, daemon=True)
+        th = threading.Thread(target=body, name=f"stackvision-{fn.__name__}", daemon=True)
         th.start()
         return th
 
@@ -177,7 +177,7 @@ def one_pass(
             bar.update(done)
 
         window: deque = deque()
-        with ThreadPoolExecutor(readers) as pool:
+        with ThreadPoolExecutor(readers, thread_name_prefix="stackvision-read") as pool:
             for start in range(0, len(paths), batch_size):
                 if st.stop.is_set():
                     return
