@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import functools
 import importlib.util
 import inspect
 import os
@@ -170,7 +169,6 @@ def check_extract(images, n, work, backbones=("lite0", "lite2"), batch_sizes=(64
         return eng
 
     ex.create_engine = timed_create
-    pool_cls = ex.TorchvisionPool
     try:
         for name, bs in [(b, n) for b in backbones for n in batch_sizes]:
             spec = resolve(name)
@@ -184,12 +182,11 @@ def check_extract(images, n, work, backbones=("lite0", "lite2"), batch_sizes=(64
                 eng.features(x)
             mo = 10 * bs / (time.perf_counter() - t)
             runs = [("threads", auto_workers, 0), ("processes", auto_workers, 0)]
-            # nvJPEG, resize on the GPU; 1, 2 (the default on CUDA) and 4 batches decoded at once
-            runs += [("torchvision", auto_workers, k) for k in decoder_threads()]
-            runs += [("auto", None, 0)]
+            # nvJPEG and the resize on the GPU: extract runs one_pass.py (each file read once;
+            # TorchvisionPool's `decoders` only matter to int8's two-pass path)
+            runs += [("torchvision", auto_workers, 0), ("auto", None, 0)]
             runs = [r for r in runs if kinds is None or r[0] in kinds]
             for kind, workers, k in runs:
-                ex.TorchvisionPool = functools.partial(pool_cls, decoders=k) if k else pool_cls
                 with tempfile.TemporaryDirectory(dir=work) as c:
                     t = time.perf_counter()
                     f = ex.extract(
@@ -211,7 +208,7 @@ def check_extract(images, n, work, backbones=("lite0", "lite2"), batch_sizes=(64
                 )
                 print(f"   {rows[-1]}", flush=True)
     finally:
-        ex.create_engine, ex.TorchvisionPool = orig, pool_cls
+        ex.create_engine = orig
     return rows + ["", *decode_and_hash_only(paths, auto_workers)]
 
 
@@ -259,12 +256,11 @@ def kind_label(kind: str, workers: int, decoders: int = 0) -> str:
     from stackvision.gpu_decode import resolve_decoder
 
     if kind == "torchvision":
-        at_once = f", {decoders} batch(es) at once" if decoders else ""
-        return f"torchvision (nvJPEG, batched; {workers} reader threads{at_once})"
+        return "torchvision (nvJPEG, batched, one pass: one_pass.py)"
     if kind == "auto":
         picked = resolve_decoder("auto", model_device())
         if picked == "torchvision":
-            return "auto: torchvision (nvJPEG)"
+            return "auto: torchvision (nvJPEG, one pass)"
         return f"auto: {workers} {default_kind(model_device(), workers)}"
     return f"{workers} {kind}"
 
