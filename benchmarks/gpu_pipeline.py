@@ -9,9 +9,11 @@ Run on a CUDA machine. On ``--n-images`` distinct JPEGs (random crops of the ima
    a host batch vs on a batch already on the GPU; the feature store's writes;
 2. whether a stage holds the GIL: the rate of a pure-Python loop while the stage runs beside it;
 3. ``extract(..., decoder=...)`` end to end, with the main thread's time split into network,
-   store writes and waiting for decoded batches;
-4. the one-pass pipeline variants ``extract`` can be built as (reads and hashes stream into the
-   decoder, crops stay on the GPU, store writes in their own thread), each end to end.
+   store writes and waiting for decoded batches, and ``stackvision extract`` as whole processes;
+4. prototype one-pass pipelines (``gpu_prototype.py``: reads and hashes stream into the decoder,
+   crops stay on the GPU, store writes in their own thread, CUDA graphs...), each end to end.
+
+``--device cpu`` runs the same code on the CPU (libjpeg instead of nvJPEG): a smoke test only.
 
     python benchmarks/gpu_pipeline.py --images ../shared/data/imagewoof/val --out gpu_pipeline.md
 """
@@ -22,55 +24,23 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import queue
 import sys
 import tempfile
 import threading
 import time
 import warnings
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_common as gc  # noqa: E402
 from gpu_check import listing, make_jpegs, section  # noqa: E402
+from gpu_common import Graphed, forward, nvjpeg, rate, sync  # noqa: E402
+from gpu_prototype import pipelines  # noqa: E402
 
 warnings.filterwarnings("ignore")  # torchvision's TorchCodec notice, frombuffer's read-only note
 THREADS = (1, 4, 8, 16)
-#: where the network and nvJPEG run; ``--device cpu`` is a smoke test of this script's logic
-DEVICE = "cuda"
-
-
-def sync() -> None:
-    import torch
-
-    if DEVICE != "cpu":
-        torch.cuda.synchronize()
-
-
-def side_stream():
-    """(context for work on a side stream, function returning an event recorded on it)."""
-    import contextlib
-
-    import torch
-
-    if DEVICE == "cpu":
-        return contextlib.nullcontext(), lambda: None
-    stream = torch.cuda.Stream()
-
-    def event():
-        ev = torch.cuda.Event()
-        ev.record(stream)
-        return ev
-
-    return torch.cuda.stream(stream), event
-
-
-def rate(n: int, fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return n / (time.perf_counter() - t)
 
 
 def old_read(path: str) -> bytes:
@@ -95,15 +65,6 @@ def stage_reads(paths):
             rows.append(f"| {label} | {n} | {r:,.0f} |")
             print("  ", rows[-1], flush=True)
     return rows
-
-
-def nvjpeg(datas, device=None):
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    tensors = [torch.frombuffer(d, dtype=torch.uint8) for d in datas]
-    out = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device or DEVICE)
-    return out if isinstance(out, list) else [out]
 
 
 def gil_probe(fn, seconds: float = 1.0) -> float:
@@ -207,59 +168,6 @@ def stage_decode(paths, spec):
     return rows
 
 
-def forward(eng, x):
-    """The engine's ``features`` on a uint8 NHWC batch already on the GPU."""
-    import torch
-
-    from stackvision.engines.torch_engine import exact_fp32
-
-    with torch.inference_mode():
-        y = eng.normalize(x).contiguous(memory_format=torch.channels_last)
-        with exact_fp32(eng.device):
-            return eng.model(y).float().cpu().numpy()
-
-
-class Graphed:
-    """The engine's network captured as a CUDA graph for one batch shape: a replay is one launch
-    instead of ~200 kernel launches from Python (each holding the GIL). Smaller batches are
-    padded into the static input (rows are independent in eval mode)."""
-
-    def __init__(self, eng, bs: int):
-        import torch
-
-        s = eng.spec.preprocess.input_size
-        self.eng = eng
-        self.x = torch.zeros((bs, s, s, 3), dtype=torch.uint8, device=DEVICE)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self._run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.y = self._run()
-
-    def _run(self):
-        import torch
-
-        from stackvision.engines.torch_engine import exact_fp32
-
-        with torch.inference_mode():
-            y = self.eng.normalize(self.x).contiguous(memory_format=torch.channels_last)
-            with exact_fp32(self.eng.device):
-                return self.eng.model(y).float()
-
-    def __call__(self, x):
-        import torch
-
-        n = len(x)
-        with torch.inference_mode():
-            self.x[:n].copy_(x if isinstance(x, torch.Tensor) else torch.from_numpy(x))
-            self.graph.replay()
-            return self.y[:n].cpu().numpy()
-
-
 def stage_model(paths, spec, work):
     import torch
 
@@ -268,11 +176,11 @@ def stage_model(paths, spec, work):
     from stackvision.images import load_rgb
 
     pp = spec.preprocess
-    eng = create_engine(spec, engine="torch", device=DEVICE)
+    eng = create_engine(spec, engine="torch", device=gc.DEVICE)
     rows = ["| stage alone | batch | img/s |", "|---|---:|---:|"]
     for bs in (64, 256):
         x = np.stack([pp.to_uint8(load_rgb(p, pp.resize_size)) for p in paths[:bs]])
-        xd = torch.from_numpy(x).to(DEVICE)
+        xd = torch.from_numpy(x).to(gc.DEVICE)
         eng.features(x)
         forward(eng, xd)
         sync()
@@ -283,7 +191,7 @@ def stage_model(paths, spec, work):
         rows.append(
             f"| network, batch on the GPU | {bs} | {rate(reps * bs, lambda: [forward(eng, xd) for _ in range(reps)]):,.0f} |"
         )
-        if DEVICE != "cpu":
+        if gc.DEVICE != "cpu":
             g = Graphed(eng, bs)
             diff = float(np.abs(g(xd) - forward(eng, xd)).max())
             rows.append(
@@ -376,172 +284,6 @@ def whole_process(paths, work):
     return rows
 
 
-def pipeline(
-    paths,
-    spec,
-    work,
-    *,
-    bs=64,
-    decode="nvjpeg",
-    on_device=True,
-    readers=8,
-    writer=True,
-    graph=False,
-    switch=None,
-):
-    """One pass: reader threads read + hash (+ decode on the CPU), the decoder thread decodes on
-    the GPU and resizes, the main thread runs the network, a writer thread stores. Returns
-    (img/s, main-thread seconds waiting for batches, network seconds)."""
-    import torch
-
-    from stackvision.cache import FeatureStore, content_hash
-    from stackvision.engines import create_engine
-    from stackvision.gpu_decode import resize_crop
-    from stackvision.images import read_bytes
-
-    pp = spec.preprocess
-    t0 = time.perf_counter()
-    eng = create_engine(spec, engine="torch", device=DEVICE)
-    net_fn = Graphed(eng, bs) if graph and DEVICE != "cpu" else (lambda x: forward(eng, x))
-    old_switch = sys.getswitchinterval()
-    if switch:
-        sys.setswitchinterval(switch)
-    store = FeatureStore(os.path.join(tempfile.mkdtemp(dir=work), "p.sqlite"), spec.feature_dim)
-    q_dec: queue.Queue = queue.Queue(maxsize=3)
-    q_net: queue.Queue = queue.Queue(maxsize=3)
-    q_out: queue.Queue = queue.Queue(maxsize=4)
-
-    def load(p, cpu):
-        data = read_bytes(p)
-        h = content_hash(data)
-        return h, (nvjpeg([data], "cpu")[0] if cpu else data)
-
-    def producer(ex):
-        window: deque = deque()
-        queued: set = set()
-
-        def emit(futs, cpu):
-            got = [f.result() for f in futs]
-            lacking = store.missing([h for h, _ in got], "orig")
-            keep = [(h, d) for h, d in got if h in lacking and h not in queued]
-            queued.update(h for h, _ in keep)
-            if keep:
-                q_dec.put((cpu, keep))
-
-        for k, i in enumerate(range(0, len(paths), bs)):
-            cpu = decode == "cpu" or (decode == "hybrid" and k % 2 == 1)
-            window.append(([ex.submit(load, p, cpu) for p in paths[i : i + bs]], cpu))
-            if len(window) >= 4:
-                emit(*window.popleft())
-        while window:
-            emit(*window.popleft())
-        q_dec.put(None)
-
-    def decoder():
-        on_stream, event = side_stream()
-        while (item := q_dec.get()) is not None:
-            cpu, keep = item
-            with on_stream:
-                if cpu:
-                    imgs = [d.to(DEVICE) for _, d in keep]
-                else:
-                    imgs = nvjpeg([d for _, d in keep])
-                groups: dict = {}
-                for j, im in enumerate(imgs):
-                    groups.setdefault(tuple(im.shape), []).append(j)
-                order = [j for idx in groups.values() for j in idx]
-                crops = torch.cat(
-                    [
-                        resize_crop(torch.stack([imgs[j] for j in idx]), pp)
-                        for idx in groups.values()
-                    ]
-                )
-                if not on_device:
-                    crops = crops.cpu()
-                ev = event()
-            q_net.put(([keep[j][0] for j in order], crops, ev))
-        q_net.put(None)
-
-    def write():
-        while (item := q_out.get()) is not None:
-            store.put_many(item)
-
-    waited = net = 0.0
-    with ThreadPoolExecutor(readers) as ex:
-        threads = [threading.Thread(target=producer, args=(ex,)), threading.Thread(target=decoder)]
-        if writer:
-            threads.append(threading.Thread(target=write))
-        for th in threads:
-            th.start()
-        n = 0
-        while True:
-            t = time.perf_counter()
-            item = q_net.get()
-            waited += time.perf_counter() - t
-            if item is None:
-                break
-            hs, crops, ev = item
-            t = time.perf_counter()
-            if on_device:
-                if ev is not None:
-                    torch.cuda.current_stream().wait_event(ev)
-                    crops.record_stream(torch.cuda.current_stream())
-                feats = net_fn(crops)
-            else:
-                feats = eng.features(crops.numpy())
-            net += time.perf_counter() - t
-            rows = [(h, "orig", f) for h, f in zip(hs, feats)]
-            q_out.put(rows) if writer else store.put_many(rows)
-            n += len(hs)
-        q_out.put(None)
-        for th in threads:
-            th.join()
-    sys.setswitchinterval(old_switch)
-    assert n == len(paths), (n, len(paths))
-    store.close()
-    return len(paths) / (time.perf_counter() - t0), waited, net
-
-
-def pipelines(paths, spec, work, bs):
-    rows = [
-        "| one-pass pipeline | batch | end to end img/s | main thread waiting s | network s |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    variants = [
-        ("nvJPEG, crops stay on the GPU, writer thread", {}),
-        ("the same, GIL switch interval 20 ms", {"switch": 0.02}),
-        ("the same, network as a CUDA graph", {"graph": True}),
-        ("the same, CUDA graph + switch interval 20 ms", {"graph": True, "switch": 0.02}),
-        (
-            "the same, CUDA graph + switch 20 ms, 4 readers",
-            {"graph": True, "switch": 0.02, "readers": 4},
-        ),
-        (
-            "the same, CUDA graph + switch 20 ms, 16 readers",
-            {"graph": True, "switch": 0.02, "readers": 16},
-        ),
-        ("CUDA graph, crops via the host", {"graph": True, "on_device": False}),
-        ("CUDA graph, libjpeg in 8 reader threads", {"graph": True, "decode": "cpu"}),
-        (
-            "CUDA graph + switch 20 ms, libjpeg in 14 reader threads",
-            {"graph": True, "decode": "cpu", "readers": 14, "switch": 0.02},
-        ),
-        ("nvJPEG, crops via the host", {"on_device": False}),
-        ("nvJPEG, crops on the GPU, writes in the main thread", {"writer": False}),
-    ]
-    for b in (bs, 128):  # warm: cuDNN's kernels for both batch sizes, nvJPEG state
-        pipeline(paths[:256], spec, work, bs=b)
-    for label, kw in variants:
-        for b in (bs, 128):
-            try:
-                r, waited, net = pipeline(paths, spec, work, bs=b, **kw)
-                rows.append(f"| {label} | {b} | {r:,.0f} | {waited:.2f} | {net:.2f} |")
-            except Exception as exc:  # noqa: BLE001 - one variant failing keeps the others
-                rows.append(f"| {label} | {b} | failed: {type(exc).__name__}: {exc} | | |")
-            print("  ", rows[-1], flush=True)
-    return rows
-
-
 def main() -> int:
     import torch
 
@@ -556,9 +298,8 @@ def main() -> int:
     )
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script")
     args = ap.parse_args()
-    global DEVICE
-    DEVICE = args.device
-    if DEVICE != "cpu" and not torch.cuda.is_available():
+    gc.DEVICE = args.device
+    if gc.DEVICE != "cpu" and not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure", file=sys.stderr)
         return 2
     from stackvision.backbones import resolve
@@ -570,7 +311,7 @@ def main() -> int:
     lines = [
         "## GPU extraction, stage by stage",
         "",
-        f"Device: {torch.cuda.get_device_name(0) if DEVICE != 'cpu' else 'CPU'}, {os.cpu_count()} CPU cores. torch "
+        f"Device: {torch.cuda.get_device_name(0) if gc.DEVICE != 'cpu' else 'CPU'}, {os.cpu_count()} CPU cores. torch "
         f"{torch.__version__}. Date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC. "
         f"{len(paths)} JPEGs. Command: `python benchmarks/gpu_pipeline.py {' '.join(sys.argv[1:])}`",
         "",
