@@ -122,12 +122,21 @@ class LogRegHead(_Head):
         self.coef_ = W.detach().numpy().T.copy()
         self.intercept_ = b.detach().numpy().copy()
         if self.params["lda"] > 0:
-            lw, lb = shrinkage_lda(
-                Xt.numpy(), np.asarray(y), n_classes, self.params["lda_shrinkage"]
-            )
-            self.coef_ += np.float32(self.params["lda"]) * lw
-            self.intercept_ += np.float32(self.params["lda"]) * lb
+            self.add_lda(self.params["lda"], self.lda_part(X, y, n_classes))
         return self
+
+    def lda_part(self, X, y, n_classes):
+        """(weights, biases) of the shrinkage LDA of rows ``X`` (as :meth:`fit` takes them), in
+        this head's standardised frame."""
+        return shrinkage_lda(self._scale(X), np.asarray(y), n_classes, self.params["lda_shrinkage"])
+
+    def add_lda(self, weight: float, part) -> None:
+        """Add ``weight`` times an LDA ``part`` (:meth:`lda_part`) to the weights; the head's
+        ``lda`` parameter records it."""
+        w, b = part
+        self.coef_ = self.coef_ + np.float32(weight) * w
+        self.intercept_ = self.intercept_ + np.float32(weight) * b
+        self.params["lda"] = weight
 
     def decision_function(self, X):
         return self._scale(X) @ self.coef_.T + self.intercept_

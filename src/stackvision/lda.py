@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 
-from .heads import shrinkage_lda
 from .progress import say
 
 
@@ -43,10 +42,8 @@ def fold_lda(heads, X, y, n_classes, splits, n_views, progress=False) -> dict:
     out, parts = weigh_lda(heads, X, np.asarray(y), n_classes, splits, n_views,
                             f"the {len(splits)} folds' out-of-fold rows", time.perf_counter())  # fmt: skip
     if out["lda"]:
-        for head, (w, b) in zip(heads, parts):
-            head.coef_ = head.coef_ + np.float32(out["lda"]) * w
-            head.intercept_ = head.intercept_ + np.float32(out["lda"]) * b
-            head.params["lda"] = out["lda"]
+        for head, part in zip(heads, parts):
+            head.add_lda(out["lda"], part)
     say_lda(out, progress)
     return out
 
@@ -59,9 +56,7 @@ def weigh_lda(heads, X, y, n_classes, splits, n_views, where, t0) -> tuple[dict,
     covered = np.zeros(n, bool)
     parts = []
     for head, (tr, va) in zip(heads, splits):
-        w, b = shrinkage_lda(head._scale(X[tr, :n_views].reshape(-1, d)),
-                             np.repeat(y[tr], n_views), n_classes,
-                             head.params["lda_shrinkage"])  # fmt: skip
+        w, b = head.lda_part(X[tr, :n_views].reshape(-1, d), np.repeat(y[tr], n_views), n_classes)
         rows = X[va, :n_views].reshape(-1, d)
         lr[va] = head.decision_function(rows).reshape(len(va), n_views, -1)
         lda[va] = (head._scale(rows) @ w.T + b).reshape(len(va), n_views, -1)

@@ -106,8 +106,7 @@ def cross_validate(
     """One head per split; out-of-fold probabilities for every validated row."""
     from .progress import progress as progress_bar
 
-    res = FoldResult(oof_proba=np.zeros((len(y), n_classes), np.float64))
-    covered = np.zeros(len(y), bool)
+    res = FoldResult()
     bar = progress_bar(len(splits), f"{kind} heads", "fold", progress)
     for fi, (tr, va) in enumerate(splits):
         head = fit_head(
@@ -124,13 +123,21 @@ def cross_validate(
         )
         res.heads.append(head)
         res.histories.append(head.history)
-        res.oof_proba[va] = predict_views(head, X[va], n_views)
-        covered[va] = True
         bar.update(1)
     bar.close()
-    res.oof_index = np.flatnonzero(covered)
-    res.oof_proba = res.oof_proba[res.oof_index]
+    res.oof_proba, res.oof_index = out_of_fold(res.heads, X, splits, n_views, n_classes)
     return res
+
+
+def out_of_fold(heads, X, splits, n_views, n_classes) -> tuple[np.ndarray, np.ndarray]:
+    """(each validated row's probabilities from its fold's head, the rows of ``X`` they are)."""
+    proba = np.zeros((len(X), n_classes), np.float64)
+    covered = np.zeros(len(X), bool)
+    for head, (_, va) in zip(heads, splits):
+        proba[va] = predict_views(head, X[va], n_views)
+        covered[va] = True
+    index = np.flatnonzero(covered)
+    return proba[index], index
 
 
 def fold_scores(y: np.ndarray, proba: np.ndarray, splits, rows=None) -> list[dict]:
@@ -240,10 +247,7 @@ def fit_stack_heads(
 
             lda = fold_lda(res.heads, X, y, n, splits, n_views, progress)
             if lda["lda"]:  # the blended heads' out-of-fold probabilities
-                full = np.zeros((len(y), n))
-                for head, (_, va) in zip(res.heads, splits):
-                    full[va] = predict_views(head, X[va], n_views)
-                res.oof_proba = full[res.oof_index]
+                res.oof_proba, _ = out_of_fold(res.heads, X, splits, n_views, n)
         t = fit_temperature(res.oof_proba, y) if calibrate else 1.0
         oof = apply_temperature(res.oof_proba, t)
         out = StackFit(res.heads, res.histories, t, np.arange(len(y)), splits, oof, lda=lda)
