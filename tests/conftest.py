@@ -73,6 +73,12 @@ def flowers_small(tmp_path_factory) -> Path:
     )
 
 
+def labelled_jpegs(folder) -> tuple[list[str], list[str]]:
+    """The JPEGs under a class-folder slice (sorted) and their labels (the folder names)."""
+    paths = sorted(str(p) for p in Path(folder).rglob("*.JPEG"))
+    return paths, [p.split("/")[-2] for p in paths]
+
+
 def synthetic_image(size=(64, 48), seed=0, mode="RGB") -> Image.Image:
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)

@@ -15,17 +15,12 @@ from stackvision.engines import numbers_id
 from stackvision.heads import MLPHead
 from stackvision.validation import apply_temperature, fit_temperature
 
-from .conftest import ROOT
-
-
-def _data(folder):
-    paths = sorted(str(p) for p in folder.rglob("*.JPEG"))
-    return paths, [p.split("/")[-2] for p in paths]
+from .conftest import ROOT, labelled_jpegs
 
 
 @pytest.fixture(scope="module")
 def fitted(woof_train, cache_dir):
-    X, y = _data(woof_train)
+    X, y = labelled_jpegs(woof_train)
     return StackedClassifier(["lite0"], folds=3, tta="flip", runtime=Runtime(cache_dir)).fit(X, y)
 
 
@@ -35,7 +30,7 @@ def test_kfold_flip_model_learns_dog_breeds(fitted, woof_val):
     assert len(m.heads_) == 3 and m.n_views_ == 2
     assert m.metrics_["validation"] == "3-fold out-of-fold" and m.metrics_["n_images"] == 48
     assert m.metrics_["accuracy"] > 0.7  # chance is 0.25
-    X, y = _data(woof_val)
+    X, y = labelled_jpegs(woof_val)
     proba = m.predict_proba(X)
     assert proba.shape == (24, 4)
     np.testing.assert_allclose(proba.sum(1), 1, atol=1e-6)
@@ -44,7 +39,7 @@ def test_kfold_flip_model_learns_dog_breeds(fitted, woof_val):
 
 
 def test_tta_averages_original_and_flipped_predictions(fitted, woof_val):
-    X, _ = _data(woof_val)
+    X, _ = labelled_jpegs(woof_val)
     feats = fitted._features(X[:4])
     both = fitted.predict_features(feats.stacked())
     per_view = [
@@ -64,7 +59,7 @@ def test_saved_model_gives_identical_probabilities_in_another_process(
     assert manifest["classes"] == fitted.classes_
     assert manifest["backbones"][0]["weights_id"].startswith("sha256:")
     assert manifest["backbones"][0]["preprocess"]["input_size"] == 224
-    X, _ = _data(woof_val)
+    X, _ = labelled_jpegs(woof_val)
     expect = fitted.predict_proba(X)
     out = tmp_path / "proba.npy"
     code = (
@@ -96,8 +91,8 @@ def test_save_replaces_atomically_and_keeps_no_temp_dirs(fitted, tmp_path):
 
 
 def test_mlp_head_early_stopping_history_and_holdout(woof_train, woof_val, cache_dir):
-    X, y = _data(woof_train)
-    Xv, yv = _data(woof_val)
+    X, y = labelled_jpegs(woof_train)
+    Xv, yv = labelled_jpegs(woof_val)
     m = StackedClassifier(
         ["lite0"],
         head="mlp",
@@ -129,7 +124,7 @@ def test_mlp_restores_best_weights_and_reduces_lr():
 
 
 def test_val_split_and_class_weight(woof_train, cache_dir):
-    X, y = _data(woof_train)
+    X, y = labelled_jpegs(woof_train)
     m = StackedClassifier(
         ["lite0"],
         folds=0,
@@ -153,7 +148,7 @@ def test_temperature_calibration_lowers_log_loss():
 
 
 def test_parameters_are_validated_at_fit(woof_train, cache_dir):
-    X, y = _data(woof_train)
+    X, y = labelled_jpegs(woof_train)
     for kwargs, msg in [
         ({"head": "svm"}, "head must be one of 'logreg', 'mlp'"),
         ({"folds": 1}, "folds must be an integer >= 2 or 0, got 1"),
@@ -172,8 +167,8 @@ def test_parameters_are_validated_at_fit(woof_train, cache_dir):
 def test_compare_table_shows_backbones_flips_and_fold_ensemble(woof_train, woof_val, cache_dir):
     from stackvision.compare import compare_table
 
-    X, y = _data(woof_train)
-    Xv, yv = _data(woof_val)
+    X, y = labelled_jpegs(woof_train)
+    Xv, yv = labelled_jpegs(woof_val)
     m = StackedClassifier(["lite0", "lite1"], folds=2, tta="flip", runtime=Runtime(cache_dir)).fit(
         X, y, val=(Xv, yv)
     )
@@ -194,7 +189,7 @@ def test_compare_table_shows_backbones_flips_and_fold_ensemble(woof_train, woof_
 
 
 def test_int8_model_keeps_its_calibration_through_save_and_load(woof_train, cache_dir, tmp_path):
-    X, y = _data(woof_train)
+    X, y = labelled_jpegs(woof_train)
     m = StackedClassifier(
         ["lite0"], folds=2, tta="none", runtime=Runtime(cache_dir, precision="int8")
     ).fit(X, y)

@@ -9,6 +9,8 @@ from stackvision import Runtime, StackedClassifier
 from stackvision.head_select import choose_lda
 from stackvision.heads import LogRegHead, shrinkage_lda
 
+from .conftest import labelled_jpegs
+
 
 def _gaussians(n=40, d=6, k=3, seed=0):
     """k classes sharing one strongly correlated covariance: LDA's own model."""
@@ -45,13 +47,8 @@ def test_the_head_adds_the_weighted_lda_logits_to_the_logistic_regressions():
         LogRegHead(lda=-1.0)
 
 
-def _woof(folder):
-    paths = sorted(str(p) for p in folder.rglob("*.JPEG"))
-    return paths, [p.split("/")[-2] for p in paths]
-
-
 def test_choose_lda_keeps_the_blend_only_when_its_inner_cv_log_loss_is_lower(woof_train, cache_dir):
-    X, y = _woof(woof_train)
+    X, y = labelled_jpegs(woof_train)
     model = StackedClassifier(["lite0"], folds=2, tta="flip", runtime=Runtime(cache_dir))
     feats = model.fit(X, y)._features(X)
     yk = np.asarray([model.classes_.index(y[i]) for i in feats.index])
@@ -72,7 +69,7 @@ def test_the_classifier_chooses_the_weight_unless_head_params_fix_it(woof_train,
     from stackvision.heads import shrinkage_lda
     from stackvision.validation import apply_temperature, predict_views
 
-    X, y = _woof(woof_train)
+    X, y = labelled_jpegs(woof_train)
     auto = StackedClassifier(["lite0"], folds=2, tta="flip", runtime=Runtime(cache_dir)).fit(X, y)
     got = auto.metrics_["lda"]
     assert auto.head_params_["lda"] == got["lda"] and "2 folds' out-of-fold" in got["criterion"]
