@@ -133,6 +133,10 @@ def test_max_image_mb_flag_changes_the_limit(model, woof_val, cache_dir, tmp_pat
     assert code == 0, out
     assert "b.png: file is 0.3 MiB, over the limit of 0.2 MiB (--max-image-mb)" in out
     assert len(rows) == 2
+    assert "STACKVISION_MAX_IMAGE_MB" not in os.environ  # the flag held for that command only
+    code, out, rows = predict(model, d, cache_dir, capsys, "--overwrite")  # later: the default
+    assert code == 0, out
+    assert "over the limit" not in out and "b.png: not an image file" in out
     assert main(["predict", str(model), str(d), "--max-image-mb", "0"]) == 2
     one_line_error(capsys, "--max-image-mb")
 

@@ -9,7 +9,7 @@ import sys
 from .. import __version__
 from ..errors import StackvisionError
 from .commands import VERBS
-from .options import check_args
+from .options import check_args, max_image_env
 
 EPILOG = "Every verb has --help. Docs: README.md and docs/ in the project."
 
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        return args.func(args)
+        with max_image_env(args):
+            return args.func(args)
     except StackvisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import numbers
 import os
 
@@ -53,10 +54,26 @@ def check_args(args: argparse.Namespace) -> None:
         raise StackvisionError(
             f"--cache {cache} is a file, not a folder", "give --cache a folder (it is created)"
         )
-    if getattr(args, "max_image_mb", None) is not None:  # an env var: decode processes see it too
-        from ..images import MAX_FILE_ENV
 
-        os.environ[MAX_FILE_ENV] = repr(float(args.max_image_mb))
+
+@contextlib.contextmanager
+def max_image_env(args: argparse.Namespace):
+    """``--max-image-mb`` as ``$STACKVISION_MAX_IMAGE_MB`` (decode processes see it too) for one
+    command only: a later ``main()`` in the same process gets the value it had before."""
+    from ..images import MAX_FILE_ENV
+
+    mb = getattr(args, "max_image_mb", None)
+    before = os.environ.get(MAX_FILE_ENV)
+    if mb is not None:
+        os.environ[MAX_FILE_ENV] = repr(float(mb))
+    try:
+        yield
+    finally:
+        if mb is not None:
+            if before is None:
+                os.environ.pop(MAX_FILE_ENV, None)
+            else:
+                os.environ[MAX_FILE_ENV] = before
 
 
 def kv(text: str) -> tuple[str, str]:
