@@ -92,6 +92,21 @@ def saved_spec(record: dict, weights: dict[str, str] | None = None) -> BackboneS
     )
 
 
+def saved_specs(records: list[dict], weights: dict[str, str], path: str) -> list[BackboneSpec]:
+    """:func:`saved_spec` of each backbone a model at ``path`` recorded, checked against the
+    weights found now (a model must run on the weights it was trained with)."""
+    specs = [saved_spec(r, weights) for r in records]
+    for spec, saved in zip(specs, records):
+        if spec.weights_id != saved["weights_id"] or spec.architecture != saved["architecture"]:
+            raise StackvisionError(
+                f"backbone '{saved['name']}' weights differ from the ones the model was trained "
+                f"with ({spec.weights_id[:19]} here, {saved['weights_id'][:19]} in {path})",
+                "install the same weights, or pass the original file with "
+                f"--weights {saved['name']}=PATH",
+            )
+    return specs
+
+
 # Embedded weights: registry name -> (timm architecture, package module, getter class).
 _EMBEDDED = {
     "lite0": (

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .backbones import DEFAULT_STACK, BackboneSpec, resolve, saved_spec
+from .backbones import DEFAULT_STACK, BackboneSpec, resolve, saved_specs
 from .base import ModelBase, Predictions, largest_input
 from .cache import FeatureCache
 from .data import check_trainable
@@ -28,6 +28,7 @@ from .preprocess import Preprocess
 from .readout import PoolOption, expand_named
 from .runners import extract_features
 from .runtime import Runtime
+from .train_views import MAX_VIEWS, view_names
 from .validation import TTA_MODES, apply_temperature, ensemble_proba, fit_stack_heads
 
 __all__ = ["Predictions", "StackedClassifier", "TTA_MODES"]
@@ -52,6 +53,7 @@ class StackedClassifier(ModelBase):
         "folds": [Interval(numbers.Integral, 2, None), Options([0])],
         "val_split": [Interval(numbers.Real, 0, 1, "neither"), None],
         "tta": [Options(TTA_MODES)],
+        "train_views": [Interval(numbers.Integral, 0, MAX_VIEWS)],
         "pool": [PoolOption()],
         "class_weight": [Options(["balanced", "none"]), None],
         "calibrate": [bool],
@@ -79,6 +81,7 @@ class StackedClassifier(ModelBase):
         folds: int = 5,
         val_split: float | None = None,
         tta: str = "flip",
+        train_views: int = 0,
         pool: str = "avg",
         class_weight: str | None = None,
         calibrate: bool = True,
@@ -93,6 +96,7 @@ class StackedClassifier(ModelBase):
         self.folds = folds
         self.val_split = val_split
         self.tta = tta
+        self.train_views = train_views  # random crops of the training images: more head rows
         self.pool = pool
         self.class_weight = class_weight
         self.calibrate = calibrate
@@ -141,15 +145,16 @@ class StackedClassifier(ModelBase):
     def _specs(self) -> list[BackboneSpec]:
         return [resolve(n, self.weights, self.pool) for n in self._backbone_names()]
 
-    def _features(self, paths: Sequence[str]) -> Features:
+    def _features(self, paths: Sequence[str], views: tuple[str, ...] | None = None) -> Features:
         rt = self._runtime()
+        local = views is not None  # training views: the local runner makes them (train_views)
         return extract_features(
             list(paths),
             self.specs_,
-            runner=rt.runner,
-            ray_address=rt.ray_address,
-            ray_actors=rt.ray_actors,
-            views=self._views,
+            runner="local" if local else rt.runner,
+            ray_address=None if local else rt.ray_address,
+            ray_actors=None if local else rt.ray_actors,
+            views=views or self._views,
             pool=self.pool,
             cache=FeatureCache(rt.cache_dir),
             engine=rt.engine,
@@ -213,6 +218,11 @@ class StackedClassifier(ModelBase):
             groups=groups, class_weight=cw, seed=self.seed, progress=self._runtime().progress,
             lda_by_inner_cv=not kfold,
         )  # fmt: skip
+        if self.train_views:  # extra rows for the heads only: scores use the views above
+            more = self._features(feats.paths, view_names(self.train_views))
+            if more.hashes != feats.hashes:
+                raise StackvisionError("training images changed while training", "run it again")
+            Xs = np.concatenate([Xs, more.stacked()], axis=1)
         lda_auto = kfold and self.head_kind_ == "logreg" and "lda" not in (self.head_params_ or {})
         res = fit_stack_heads(
             self.head_kind_,
@@ -230,6 +240,7 @@ class StackedClassifier(ModelBase):
             progress=self._runtime().progress,
             groups=groups,
             lda_auto=lda_auto,
+            train_views=self.train_views,
         )
         if res.lda:
             lda, self.head_params_ = res.lda, {**(self.head_params_ or {}), "lda": res.lda["lda"]}
@@ -265,11 +276,8 @@ class StackedClassifier(ModelBase):
         """Probabilities for every usable image in ``X``; unusable ones are listed in ``problems``."""
         self.check_is_fitted()
         feats = self._features(list(X))
-        proba = (
-            self.predict_features(feats.stacked())
-            if feats.paths
-            else np.zeros((0, len(self.classes_)))
-        )
+        n = len(self.classes_)
+        proba = self.predict_features(feats.stacked()) if feats.paths else np.zeros((0, n))
         return Predictions(feats.paths, proba, list(self.classes_), feats.problems, feats.stats)
 
     # ------------------------------------------------------------------ fixed-size input (export, serving)
@@ -353,6 +361,7 @@ class StackedClassifier(ModelBase):
             ],
             "views": list(self._views),
             "tta": self.tta,
+            "train_views": self.train_views,
             "head": {
                 "kind": self._head_kind,
                 "params": make_head(self._head_kind, self.__dict__.get("head_params_")).params,
@@ -416,20 +425,14 @@ class StackedClassifier(ModelBase):
             head_params=manifest["head"]["params"],
             folds=manifest["folds"],
             tta=manifest["tta"],
+            train_views=manifest.get("train_views", 0),
             pool=bb[0]["pool"],
             class_weight=manifest.get("class_weight"),
             weights=weights,
             seed=manifest.get("seed", 0),
             runtime=runtime,
         )
-        model.specs_ = [saved_spec(b, weights) for b in bb]
-        for spec, saved in zip(model.specs_, bb):
-            if spec.weights_id != saved["weights_id"] or spec.architecture != saved["architecture"]:
-                raise StackvisionError(
-                    f"backbone '{saved['name']}' weights differ from the ones the model was trained with "
-                    f"({spec.weights_id[:19]} here, {saved['weights_id'][:19]} in {path})",
-                    f"install the same weights, or pass the original file with --weights {saved['name']}=PATH",
-                )
+        model.specs_ = saved_specs(bb, weights, path)
         model.heads_ = []
         for k in range(manifest["n_heads"]):
             prefix = f"head{k}."

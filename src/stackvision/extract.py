@@ -27,6 +27,7 @@ from .images import ImageDecodeError
 from .one_pass import one_pass, read_hashed
 from .progress import progress as progress_bar
 from .progress import say
+from .train_views import ViewCrop, is_train_view
 
 #: seconds of hashing before its progress shows (a bar on a terminal, else lines)
 HASH_DELAY = 2.0
@@ -104,10 +105,13 @@ def extract(
     before (prediction with a model trained in int8). The keys used are in ``stats["calibration"]``
     and are part of the store key, since int8 features depend on the calibration images.
     """
-    check_args(views, batch_size)
+    check_args(views, batch_size, train_views=True)
     views = tuple(views)
+    crops = [v for v in views if is_train_view(v)]  # augmented training views: their own crops
     mdev = model_device(engine, device, precision)
     decoder = resolve_decoder(decoder, mdev)  # pil, threads, processes or torchvision
+    if crops and decoder == "torchvision":  # random-resized crops are made by PIL
+        decoder = "threads"
     workers = workers or default_workers(mdev)
     cache = cache or FeatureCache()
     t0 = time.perf_counter()
@@ -137,6 +141,8 @@ def extract(
     # 2. Which (image, backbone) pairs are missing any requested view.
     live, lacking = missing_by_view(stores, hashes, views)  # only these (hash, view) are computed
     todo = {name: set().union(*lack.values()) for name, lack in lacking.items()}
+    plain = {n: set().union(set(), *(s for v, s in lack.items() if v not in crops))
+             for n, lack in lacking.items()}  # fmt: skip
     need = [i for i, h in enumerate(hashes) if h is not None and any(h in t for t in todo.values())]
     need = list(dict.fromkeys(need))
     n_cached = len(live) - len(need)
@@ -168,11 +174,13 @@ def extract(
         bar = progress_bar(len(need), f"extract {names}", "img", progress)
         seen: set[tuple[str, str]] = set()
 
-        def work(batch):
+        def work(batch):  # (path, [(key, what to crop)]): a backbone's crop, or a view's
             return [
-                (paths[i], [(s.name, s.preprocess) for s in active if hashes[i] in todo[s.name]])
+                (paths[i], [(s.name, s.preprocess) for s in active if hashes[i] in plain[s.name]]
+                 + [((s.name, v), ViewCrop(s.preprocess, v, hashes[i])) for s in active
+                    for v in crops if hashes[i] in lacking[s.name][v]])
                 for i in batch
-            ]
+            ]  # fmt: skip
 
         if decoder == "torchvision":  # int8: decode on the model's device, hashes known
             decode_pool = TorchvisionPool(mdev, workers)
@@ -182,6 +190,7 @@ def extract(
         with decode_pool as decoding:
             for batch, results in zip(batches, decoding.run(work(b) for b in batches)):
                 per_backbone: dict[str, list[tuple[str, np.ndarray]]] = {s.name: [] for s in active}
+                per_view: dict[tuple[str, str], list[tuple[str, np.ndarray]]] = {}
                 for i, res in zip(batch, results):
                     if isinstance(res, ImageDecodeError):
                         if strict:
@@ -195,7 +204,10 @@ def extract(
                         key = (name, hashes[i])
                         if key not in seen:  # duplicate files are computed once
                             seen.add(key)
-                            per_backbone[name].append((hashes[i], arr))
+                            if isinstance(name, tuple):  # (backbone, view): a training view
+                                per_view.setdefault(name, []).append((hashes[i], arr))
+                            else:
+                                per_backbone[name].append((hashes[i], arr))
                 for name, items in per_backbone.items():
                     if not items:
                         continue
@@ -203,6 +215,8 @@ def extract(
                     x = np.stack([a for _, a in items])
                     rows = []
                     for v in views:  # a view already cached (orig, when flip is added) is kept
+                        if v in crops:
+                            continue
                         sel = [k for k, h in enumerate(hs) if h in lacking[name][v]]
                         if not sel:
                             continue
@@ -211,7 +225,14 @@ def extract(
                         feats = engines[name].features(xv)
                         rows += [(hs[k], v, f) for k, f in zip(sel, feats)]
                     stores[name].put_many(rows)
-                    computed[name] += len(items)
+                for (name, v), items in per_view.items():
+                    feats = engines[name].features(np.stack([a for _, a in items]))
+                    stores[name].put_many([(h, v, f) for (h, _), f in zip(items, feats)])
+                for name, items in per_backbone.items():  # images computed, in any view
+                    done = {h for h, _ in items}.union(
+                        *({h for h, _ in it} for (n, _), it in per_view.items() if n == name)
+                    )
+                    computed[name] += len(done)
                 bar.update(len(batch))
         bar.close()
     t_compute = time.perf_counter() - t1
@@ -293,10 +314,16 @@ def _stats(paths, keep, failed, n_cached, n_new, computed, t_hash, t_compute, t0
     }
 
 
-def check_args(views, batch_size) -> None:
-    """The argument checks every runner makes before touching a file."""
+def check_args(views, batch_size, train_views: bool = False) -> None:
+    """The argument checks every runner makes before touching a file; ``train_views``: the
+    runner makes augmented training views (:mod:`stackvision.train_views`)."""
     for v in views:
-        if v not in VIEWS:
+        if is_train_view(v) and not train_views:
+            raise StackvisionError(
+                f"augmented training views ({v}) are made by the local runner only",
+                "use --runner local, or leave out --train-views",
+            )
+        if v not in VIEWS and not is_train_view(v):
             raise StackvisionError(f"unknown view '{v}'", f"use {' or '.join(VIEWS)}")
     if batch_size < 1:
         raise StackvisionError(

@@ -33,14 +33,16 @@ def logit_temperature(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(np.exp(r.x)), nll(r.x)
 
 
-def fold_lda(heads, X, y, n_classes, splits, n_views, progress=False) -> dict:
+def fold_lda(heads, X, y, n_classes, splits, n_views, progress=False, fit_views=None) -> dict:
     """:func:`stackvision.head_select.choose_lda` on the k fold heads already fitted (logreg
     alone): the weight from their out-of-fold logits, and, when kept, each head's weights blended
     in place. One LDA per fold and no extra logistic regression (imagewoof, 2 cores: 57 s of head
     fitting in all, against 87 s with an inner CV first). The weight is one more number chosen
-    on the out-of-fold rows, as the temperature is."""
+    on the out-of-fold rows, as the temperature is. The LDAs fit on the first ``fit_views``
+    views of the rows (default ``n_views``), as the heads did."""
     out, parts = weigh_lda(heads, X, np.asarray(y), n_classes, splits, n_views,
-                            f"the {len(splits)} folds' out-of-fold rows", time.perf_counter())  # fmt: skip
+                            f"the {len(splits)} folds' out-of-fold rows", time.perf_counter(),
+                            fit_views)  # fmt: skip
     if out["lda"]:
         for head, part in zip(heads, parts):
             head.add_lda(out["lda"], part)
@@ -48,15 +50,16 @@ def fold_lda(heads, X, y, n_classes, splits, n_views, progress=False) -> dict:
     return out
 
 
-def weigh_lda(heads, X, y, n_classes, splits, n_views, where, t0) -> tuple[dict, list]:
+def weigh_lda(heads, X, y, n_classes, splits, n_views, where, t0, fit_views=None):
     """(the choice, each head's LDA (weights, biases)) from the heads' out-of-fold logits."""
     n, _, d = X.shape
+    fv = fit_views or n_views
     lr = np.zeros((n, n_views, n_classes))
     lda = np.zeros_like(lr)
     covered = np.zeros(n, bool)
     parts = []
     for head, (tr, va) in zip(heads, splits):
-        w, b = head.lda_part(X[tr, :n_views].reshape(-1, d), np.repeat(y[tr], n_views), n_classes)
+        w, b = head.lda_part(X[tr, :fv].reshape(-1, d), np.repeat(y[tr], fv), n_classes)
         rows = X[va, :n_views].reshape(-1, d)
         lr[va] = head.decision_function(rows).reshape(len(va), n_views, -1)
         lda[va] = (head._scale(rows) @ w.T + b).reshape(len(va), n_views, -1)

@@ -101,9 +101,21 @@ def fit_head(kind, params, X, y, n_classes, train_idx, val_idx, n_views, class_w
 
 
 def cross_validate(
-    kind, params, X, y, n_classes, splits, n_views, class_weight=None, seed=0, progress=False
+    kind,
+    params,
+    X,
+    y,
+    n_classes,
+    splits,
+    n_views,
+    class_weight=None,
+    seed=0,
+    progress=False,
+    fit_views=None,
 ) -> FoldResult:
-    """One head per split; out-of-fold probabilities for every validated row."""
+    """One head per split; out-of-fold probabilities for every validated row. The heads fit on
+    the first ``fit_views`` views of their rows (default ``n_views``), the scores use
+    ``n_views``."""  # fmt: skip
     from .progress import progress as progress_bar
 
     res = FoldResult()
@@ -117,7 +129,7 @@ def cross_validate(
             n_classes,
             tr,
             va,
-            n_views,
+            fit_views or n_views,
             class_weight,
             seed + fi,
         )
@@ -225,6 +237,7 @@ def fit_stack_heads(
     progress=False,
     groups=None,
     lda_auto=False,
+    train_views=0,
 ) -> StackFit:
     """Heads on stacked features ``X`` (N, n_views, D) with labels ``y``, calibrated and scored.
 
@@ -233,19 +246,24 @@ def fit_stack_heads(
     ``val`` = (Xv, yv), or on a ``val_split`` of ``X``; with neither, one head on everything.
     ``groups``: one id per row of ``X``, equal for identical images, which every split keeps on
     one side. ``lda_auto`` (k folds, logreg): the folds' heads get the LDA weight
-    :func:`stackvision.lda.fold_lda` chooses on their out-of-fold rows.
+    :func:`stackvision.lda.fold_lda` chooses on their out-of-fold rows. ``train_views``: the
+    last views of ``X`` that only add training rows (:mod:`stackvision.train_views`); every score
+    uses the first ``n_views``.
     """
     from .metrics import classification_metrics
 
     n = len(classes)
     if folds >= 2:
         splits = kfold_splits(y, folds, seed, groups)
-        res = cross_validate(kind, params, X, y, n, splits, n_views, class_weight, seed, progress)
+        fv = n_views + train_views
+        res = cross_validate(
+            kind, params, X, y, n, splits, n_views, class_weight, seed, progress, fv
+        )
         lda = None
         if lda_auto and kind == "logreg":
             from .lda import fold_lda
 
-            lda = fold_lda(res.heads, X, y, n, splits, n_views, progress)
+            lda = fold_lda(res.heads, X, y, n, splits, n_views, progress, fit_views=fv)
             if lda["lda"]:  # the blended heads' out-of-fold probabilities
                 res.oof_proba, _ = out_of_fold(res.heads, X, splits, n_views, n)
         t = fit_temperature(res.oof_proba, y) if calibrate else 1.0
@@ -270,12 +288,14 @@ def fit_stack_heads(
         tr, va = holdout_split(y, val_split, seed, groups)
         Xv, yv, where = X[va], y[va], "train"
     else:
-        head = fit_head(kind, params, X, y, n, tr, None, n_views, class_weight, seed)
+        head = fit_head(kind, params, X, y, n, tr, None, n_views + train_views, class_weight, seed)
         return StackFit([head], [head.history], 1.0, tr)
+    if Xv.shape[1] < X.shape[1]:  # hold-out rows lack training views; only view 0 is read
+        Xv = np.concatenate([Xv, np.repeat(Xv[:, :1], X.shape[1] - Xv.shape[1], axis=1)], 1)
     Xc, yc = np.concatenate([X[tr], Xv]), np.concatenate([y[tr], yv])
     head = fit_head(
-        kind, params, Xc, yc, n, np.arange(len(tr)), np.arange(len(tr), len(yc)), n_views,
-        class_weight, seed,
+        kind, params, Xc, yc, n, np.arange(len(tr)), np.arange(len(tr), len(yc)),
+        n_views + train_views, class_weight, seed,
     )  # fmt: skip
     vp = predict_views(head, Xv, n_views)
     t = fit_temperature(vp, yv) if calibrate else 1.0

@@ -40,6 +40,7 @@ def run_best(args, started: float) -> int:
             "head_params": dict(args.head_param or []) or None,
             "folds": args.folds,
             "tta": args.tta,
+            "train_views": args.train_views,
             "pool": args.pool,
             "class_weight": args.class_weight,
             "calibrate": not args.no_calibrate,

@@ -69,7 +69,7 @@ def describe(path: str) -> dict:
             for b in m["backbones"]
         ]
         out |= {k: m.get(k) for k in ("head", "folds", "n_heads", "views", "tta", "temperature")}
-        out |= {k: m.get(k) for k in ("precision", "class_weight")}
+        out |= {k: m.get(k) for k in ("train_views", "precision", "class_weight")}
     elif kind == "finetune":
         b = m["backbone"]
         out["backbones"] = [
@@ -116,8 +116,9 @@ def _text(d: dict) -> str:
                 f"    {mem['name']} ({mem['kind']})"
                 + (f"  weight {wt:.3f}" if wt is not None else "")
             )
-    for key in ("head", "folds", "n_heads", "views", "tta", "precision", "class_weight"):
-        if d.get(key) is not None:
+    for key in ("head", "folds", "n_heads", "views", "tta", "train_views", "precision",
+                "class_weight"):  # fmt: skip
+        if d.get(key) is not None and (key != "train_views" or d[key]):
             v = d[key]
             if isinstance(v, dict) and "params" in v:  # a stack head: logreg (C=0.02, ...)
                 v = f"{v.get('kind')} ({', '.join(f'{k}={x}' for k, x in v['params'].items())})"

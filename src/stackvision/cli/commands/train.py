@@ -54,6 +54,14 @@ def add_arguments(t) -> None:
     )
     opt.add_tta(t, "train on original+flipped features and average both at prediction")
     t.add_argument(
+        "--train-views",
+        type=int,
+        metavar="K",
+        help="also fit the heads on K random crops of each training image (cached like the "
+        "other views; scores and predictions use the original views; default: 0, 2 with "
+        "--preset best)",
+    )
+    t.add_argument(
         "--class-weight", choices=["balanced"], help="weight classes inversely to their frequency"
     )
     t.add_argument(
@@ -150,6 +158,7 @@ def run(args) -> int:
         folds=args.folds,
         val_split=args.val_split,
         tta=args.tta,
+        train_views=args.train_views,
         pool=args.pool,
         class_weight=args.class_weight,
         calibrate=not args.no_calibrate,
@@ -166,7 +175,8 @@ def run(args) -> int:
         args,
         f"training on {len(data)} images, {len(set(data.labels))} classes, backbones "
         f"{args.backbones}, head {args.head}, "
-        f"{'folds ' + str(args.folds) if args.folds >= 2 else 'no k-fold'}, TTA {args.tta}",
+        f"{'folds ' + str(args.folds) if args.folds >= 2 else 'no k-fold'}, TTA {args.tta}"
+        + (f", {args.train_views} training views" if args.train_views else ""),
     )
     if getattr(args, "corrections", None):
         c = args.corrections
@@ -234,9 +244,16 @@ def _apply_preset(args) -> None:
         )
     if args.preset and args.from_shards:
         raise StackvisionError("--preset needs images (not --from-shards)", "drop --preset")
+    if args.train_views and args.from_shards:
+        raise StackvisionError(
+            "--train-views needs images: shards hold the features already extracted",
+            "drop --train-views, or train on the image folder",
+        )
     preset = preset_settings(args.preset or "default")
     args.backbones = args.backbones or preset["backbones"]
     args.tta = args.tta or preset["tta"]
+    if args.train_views is None:
+        args.train_views = preset["train_views"]
 
 
 def _doctor_section(args, model) -> None:
