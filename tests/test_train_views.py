@@ -1,9 +1,8 @@
 """Augmented training views (train_views.py): the crops, their cache rows, the heads' extra rows,
-and ``train --train-views`` / ``--preset best`` through the CLI."""
+and ``train --train-views`` through the CLI."""
 
 from __future__ import annotations
 
-import argparse
 import pickle
 
 import numpy as np
@@ -125,17 +124,3 @@ def test_train_views_through_the_cli(woof_train, woof_val, cache_dir, tmp_path, 
     one_line_error(capsys, "--train-views")
     assert main([*args, "--train-views", "2", "--from-shards", str(tmp_path)]) == 2
     one_line_error(capsys, "--train-views needs images")
-
-
-@pytest.mark.parametrize(
-    "preset, given, expected", [("best", None, 2), (None, None, 0), ("best", 0, 0), ("fast", 3, 3)]
-)
-def test_presets_set_the_training_views_unless_given(preset, given, expected):
-    from stackvision.cli.commands.train import _apply_preset
-
-    args = argparse.Namespace(
-        preset=preset, time_limit=None, from_shards=None, backbones=None, tta=None,
-        train_views=given,
-    )  # fmt: skip
-    _apply_preset(args)
-    assert args.train_views == expected

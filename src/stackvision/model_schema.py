@@ -267,6 +267,7 @@ def manifest_tables() -> dict[str, Obj]:
             optional={
                 **common,
                 "views": ListOf(Text(), "a list of view names"),
+                "train_views": Interval(numbers.Integral, 0, 16),  # train_views.MAX_VIEWS
                 "precision": Options(PRECISIONS),
                 "calibration": (None, dict),
                 "class_weight": (None, Options(("none", "balanced"))),

@@ -3,12 +3,10 @@ duration syntax.
 
 * ``fast``: one backbone (``lite0``), no flip TTA: minutes on a laptop.
 * ``default``: the default stack (``fine-grained``, flip TTA).
-* ``best``: the default stack with 2 augmented training views (:mod:`.train_views`), then LP-FT
-  fine-tuned members and a ``best`` ensemble, as much as fits in the time limit
-  (:mod:`.best_pipeline`).
+* ``best``: the default stack, then LP-FT fine-tuned members and a ``best`` ensemble, as much
+  as fits in the time limit (:mod:`.best_pipeline`).
 
-A preset sets the backbones, the TTA and the training views only where the command line does
-not name them.
+A preset sets the backbones and the TTA only where the command line does not name them.
 """
 
 from __future__ import annotations
@@ -19,9 +17,9 @@ from .backbones import DEFAULT_STACK
 from .errors import StackvisionError
 
 PRESETS: dict[str, dict] = {
-    "fast": {"backbones": "lite0", "tta": "none", "train_views": 0},
-    "default": {"backbones": ",".join(DEFAULT_STACK), "tta": "flip", "train_views": 0},
-    "best": {"backbones": ",".join(DEFAULT_STACK), "tta": "flip", "train_views": 2},
+    "fast": {"backbones": "lite0", "tta": "none"},
+    "default": {"backbones": ",".join(DEFAULT_STACK), "tta": "flip"},
+    "best": {"backbones": ",".join(DEFAULT_STACK), "tta": "flip"},
 }
 #: ``--preset best`` without ``--time-limit``
 BEST_DEFAULT_LIMIT = 3600.0

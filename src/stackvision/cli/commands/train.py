@@ -56,10 +56,10 @@ def add_arguments(t) -> None:
     t.add_argument(
         "--train-views",
         type=int,
+        default=0,
         metavar="K",
         help="also fit the heads on K random crops of each training image (cached like the "
-        "other views; scores and predictions use the original views; default: 0, 2 with "
-        "--preset best)",
+        "other views; scores and predictions use the original views; default: 0)",
     )
     t.add_argument(
         "--class-weight", choices=["balanced"], help="weight classes inversely to their frequency"
@@ -252,8 +252,6 @@ def _apply_preset(args) -> None:
     preset = preset_settings(args.preset or "default")
     args.backbones = args.backbones or preset["backbones"]
     args.tta = args.tta or preset["tta"]
-    if args.train_views is None:
-        args.train_views = preset["train_views"]
 
 
 def _doctor_section(args, model) -> None:
