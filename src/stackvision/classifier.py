@@ -69,6 +69,7 @@ class StackedClassifier(ModelBase):
     }
     # Fitted state a model may lack (an fp32 model; one trained from shards).
     calibration_: dict | None = None
+    averaging_: str = "logits"  # of heads and views; models saved before: "proba" (AVERAGING)
     manifest_: dict | None = None
     _precision: str | None = None
 
@@ -263,14 +264,15 @@ class StackedClassifier(ModelBase):
         self._features_cache, self._feature_y = feats, yk
         self._val_data = (val_feats, vyk) if val_feats is not None else None
         self.manifest_ = None
-        self.temperature_ = res.temperature
+        self.temperature_, self.averaging_ = res.temperature, "logits"
         return self
 
     # ------------------------------------------------------------------ predict
     def predict_features(self, Xs: np.ndarray) -> np.ndarray:
         """Calibrated ensemble probabilities from stacked features (N, n_views, D)."""
         self.check_is_fitted()
-        return apply_temperature(ensemble_proba(self.heads_, Xs, self.n_views_), self.temperature_)
+        p = ensemble_proba(self.heads_, Xs, self.n_views_, self.averaging_)
+        return apply_temperature(p, self.temperature_)
 
     def predict_paths(self, X: Sequence[str]) -> Predictions:
         """Probabilities for every usable image in ``X``; unusable ones are listed in ``problems``."""
@@ -324,6 +326,7 @@ class StackedClassifier(ModelBase):
             [h.state() for h in self.heads_],
             n_views=self.n_views_,
             temperature=self.temperature_,
+            averaging=self.averaging_,
             input_size=self.input_preprocess().input_size,
         )
 
@@ -348,19 +351,16 @@ class StackedClassifier(ModelBase):
 
     # ------------------------------------------------------------------ persistence
     def _manifest(self) -> dict:
+        local = lambda s: s.weights_path if s.source == "file" else None  # noqa: E731
         counts = Counter(self.classes_[i] for i in self.train_y_)
         return {
             **self._manifest_head(),
             "backbones": [
-                {
-                    **s.to_dict(),
-                    "pool": self.pool,
-                    "weights_path": s.weights_path if s.source == "file" else None,
-                }
-                for s in self.specs_
+                {**s.to_dict(), "pool": self.pool, "weights_path": local(s)} for s in self.specs_
             ],
             "views": list(self._views),
             "tta": self.tta,
+            "averaging": self.averaging_,
             "train_views": self.train_views,
             "head": {
                 "kind": self._head_kind,
@@ -446,4 +446,5 @@ class StackedClassifier(ModelBase):
         model.manifest_ = manifest
         model.metrics_, model.eval_, model.histories_, model.problems_ = None, None, [], []
         model.temperature_ = float(manifest["temperature"])
+        model.averaging_ = manifest.get("averaging", "proba")
         return model

@@ -233,13 +233,16 @@ def _torch_module_class():
     class StackModule(nn.Module):
         """uint8 RGB (N, S, S, 3) -> calibrated probabilities (N, C) of a feature stack."""
 
-        def __init__(self, backbones, head_states, n_views, temperature, input_size):
+        def __init__(
+            self, backbones, head_states, n_views, temperature, input_size, averaging="logits"
+        ):
             from .preprocess import Normalize
 
             super().__init__()
             self.input_size = int(input_size)
             self.n_views = int(n_views)
             self.temperature = float(temperature)
+            self.logits = averaging == "logits"  # else mean probabilities (validation.AVERAGING)
             self.backbones = nn.ModuleList([m for _, m in backbones])
             # RGB input: a BGR backbone gets its pixels reversed and its own statistics
             self.normalize = nn.ModuleList([Normalize(s.preprocess, "RGB") for s, _ in backbones])
@@ -289,11 +292,13 @@ def _torch_module_class():
                     z = torch.matmul(z, w.t()) + b
                     if i < n_layers - 1:
                         z = torch.relu(z)
-                p = torch.softmax(z, dim=1)
+                p = z if self.logits else torch.softmax(z, dim=1)
                 probs = p if probs is None else probs + p
             probs = probs / len(self._heads)
             if self.n_views == 2:  # slices, not a reshape: ONNX Reshape reads a 0 dim as "copy"
                 probs = (probs[:n] + probs[n:]) / 2  # so an empty batch came out (C, 0)
+            if self.logits:  # the mean logit -> probabilities
+                probs = torch.softmax(probs, dim=1)
             if self.temperature != 1.0:
                 logp = torch.log(torch.clamp(probs, 1e-12, 1.0))
                 probs = torch.softmax(logp / self.temperature, dim=1)

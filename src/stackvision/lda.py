@@ -20,13 +20,14 @@ from .progress import say
 
 def logit_temperature(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(T, log loss) of softmax(logits / T), T fitted on these rows; logits (N, n_views, C)
-    are averaged over views as probabilities, as the model does."""
+    are averaged over views, as the model does (``validation.AVERAGING``)."""
     from scipy.optimize import minimize_scalar
-    from scipy.special import log_softmax, logsumexp
+    from scipy.special import log_softmax
+
+    mean = logits.mean(axis=1)
 
     def nll(log_t):
-        lp = log_softmax(logits / np.exp(log_t), axis=-1)
-        lp = logsumexp(lp, axis=1) - np.log(logits.shape[1])  # mean of the views' probabilities
+        lp = log_softmax(mean / np.exp(log_t), axis=-1)
         return float(-lp[np.arange(len(y)), y].mean())
 
     r = minimize_scalar(nll, bounds=(np.log(0.05), np.log(500.0)), method="bounded")

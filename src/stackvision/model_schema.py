@@ -268,6 +268,7 @@ def manifest_tables() -> dict[str, Obj]:
                 **common,
                 "views": ListOf(Text(), "a list of view names"),
                 "train_views": Interval(numbers.Integral, 0, 16),  # train_views.MAX_VIEWS
+                "averaging": Options(("logits", "proba")),  # validation.AVERAGING
                 "precision": Options(PRECISIONS),
                 "calibration": (None, dict),
                 "class_weight": (None, Options(("none", "balanced"))),

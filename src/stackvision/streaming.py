@@ -23,7 +23,7 @@ import copy
 import numpy as np
 
 from .errors import StackvisionError
-from .heads import HEADS, balanced_weights, make_head
+from .heads import HEADS, balanced_weights, make_head, softmax
 from .shards import ShardedFeatures
 from .training import BestWeights, EarlyStopping, TrainingLoop
 
@@ -125,7 +125,8 @@ def fit_streaming(
         with torch.no_grad():
             for ids, x in feats.chunks(val_rows, chunk):
                 xt = (torch.from_numpy(x.reshape(-1, d)) - mean_t) / scale_t
-                p = torch.softmax(net(xt), 1).numpy().reshape(len(ids), nv, -1).mean(1)
+                z = net(xt).numpy().reshape(len(ids), nv, -1).mean(1)  # validation.AVERAGING
+                p = softmax(z.astype(np.float64))
                 out[[pos[r] for r in ids.tolist()]] = p
         return out
 
