@@ -55,7 +55,8 @@ def test_a_model_saved_before_keeps_the_mean_probability_everywhere(woof_train, 
     out = model.save(str(tmp_path / "m"))
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert manifest["averaging"] == "logits"
-    del manifest["averaging"]  # what a model saved before this field looks like
+    del manifest["averaging"]  # what a model saved before this field looks like: version 1
+    manifest["format_version"] = 1
     (tmp_path / "m" / "manifest.json").write_text(json.dumps(manifest))
     old = StackedClassifier.load(out, rt)
     assert old.averaging_ == "proba"

@@ -12,7 +12,7 @@ import pytest
 
 from stackvision import Runtime, StackedClassifier, StackvisionError, load_model
 from stackvision.engines import numbers_id
-from stackvision.heads import MLPHead
+from stackvision.heads import MLPHead, softmax
 from stackvision.validation import apply_temperature, fit_temperature
 
 from .conftest import ROOT, labelled_jpegs
@@ -38,15 +38,15 @@ def test_kfold_flip_model_learns_dog_breeds(fitted, woof_val):
     assert set(m.metrics_["per_class"]) == set(m.classes_)
 
 
-def test_tta_averages_original_and_flipped_predictions(fitted, woof_val):
+def test_tta_averages_the_original_and_flipped_logits_of_every_fold_head(fitted, woof_val):
     X, _ = labelled_jpegs(woof_val)
     feats = fitted._features(X[:4])
     both = fitted.predict_features(feats.stacked())
     per_view = [
-        np.mean([h.predict_proba(feats.stacked()[:, v]) for h in fitted.heads_], axis=0)
+        np.mean([h.decision_function(feats.stacked()[:, v]) for h in fitted.heads_], axis=0)
         for v in (0, 1)
     ]
-    expect = apply_temperature((per_view[0] + per_view[1]) / 2, fitted.temperature_)
+    expect = apply_temperature(softmax((per_view[0] + per_view[1]) / 2), fitted.temperature_)
     np.testing.assert_allclose(both, expect, atol=1e-6)
 
 
@@ -55,7 +55,7 @@ def test_saved_model_gives_identical_probabilities_in_another_process(
 ):
     path = fitted.save(str(tmp_path / "model"))
     manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["kind"] == "stack"
+    assert manifest["format_version"] == 2 and manifest["kind"] == "stack"
     assert manifest["classes"] == fitted.classes_
     assert manifest["backbones"][0]["weights_id"].startswith("sha256:")
     assert manifest["backbones"][0]["preprocess"]["input_size"] == 224

@@ -66,7 +66,7 @@ def test_train_writes_model_metrics_and_report(trained):
     assert "Most confident mistakes" in report
     rows = json.loads((trained / "compare.json").read_text())
     assert [(r["model"], r["views"]) for r in rows] == [("lite0", "orig"), ("lite0", "orig+flip")]
-    assert all(0.5 < r["cv_accuracy"] <= 1 and r["cv_log_loss"] > 0 for r in rows)
+    assert all(0.5 < r["cv_accuracy"] <= 1 and 0 <= r["cv_log_loss"] < 0.7 for r in rows)
 
 
 def test_predict_topk_and_kaggle_formats(trained, woof_val, cache_dir, tmp_path):
@@ -276,7 +276,7 @@ def _future_model(tmp_path, trained):
     d = tmp_path / "future"
     shutil.copytree(trained, d)
     m = json.loads((d / "manifest.json").read_text())
-    m["format_version"] = 2
+    m["format_version"] = 99
     (d / "manifest.json").write_text(json.dumps(m))
     return d
 
@@ -289,7 +289,7 @@ def _future_model(tmp_path, trained):
         ("small_class", "fewer images than --folds 5"),
         ("csv_missing", "have no image file"),
         ("unknown_backbone", "unknown backbone 'resnet9000'"),
-        ("future_model", "format version 2"),
+        ("future_model", "format version 99"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(case, expect, tmp_path, woof_train, trained, cache_dir):

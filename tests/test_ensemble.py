@@ -97,7 +97,7 @@ def test_weights_and_stacked_combiner_on_synthetic_probabilities():
 
 def test_ensemble_table_and_directory(ens_dir, members):
     manifest = json.loads((ens_dir / "manifest.json").read_text())
-    assert manifest["kind"] == "ensemble" and manifest["format_version"] == 1
+    assert manifest["kind"] == "ensemble" and manifest["format_version"] == 2
     assert manifest["method"] in ("mean", "weighted", "calibrated", "stacked")
     assert [m["kind"] for m in manifest["members"]] == ["stack", "finetune"]
     for m in manifest["members"]:  # self-contained: members copied inside

@@ -51,7 +51,7 @@ def ft_dir(flowers_small, tmp_path_factory):
 
 def test_finetune_cli_writes_model(ft_dir):
     manifest = json.loads((ft_dir / "manifest.json").read_text())
-    assert manifest["kind"] == "finetune" and manifest["format_version"] == 1
+    assert manifest["kind"] == "finetune" and manifest["format_version"] == 2
     assert manifest["head"]["output"] == "softmax"
     assert manifest["input"]["size"] == 64
     assert (ft_dir / "weights.safetensors").is_file()

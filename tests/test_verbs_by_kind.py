@@ -72,7 +72,7 @@ def test_info(kind_dir, capsys):
     kind, path = kind_dir
     assert main(["info", str(path), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["kind"] == kind and d["classes"] == FLOWER_CLASSES and d["format_version"] == 1
+    assert d["kind"] == kind and d["classes"] == FLOWER_CLASSES and d["format_version"] == 2
     assert d["size_bytes"] > 10_000
     if kind == "ensemble":
         assert [m["kind"] for m in d["members"]] == ["stack", "finetune"]

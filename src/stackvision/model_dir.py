@@ -108,7 +108,8 @@ def read_manifest(path: str) -> dict:
     version = manifest.get("format_version")
     if type(version) is not int or version > FORMAT_VERSION or version < 1:
         raise StackvisionError(
-            f"model {path} has format version {version}; this stackvision reads version {FORMAT_VERSION}",
+            f"model {path} has format version {version}; this stackvision reads versions 1 to "
+            f"{FORMAT_VERSION}",
             "upgrade stackvision (pip install -U stackvision)"
             if isinstance(version, int) and version > FORMAT_VERSION
             else "retrain the model with this stackvision",

@@ -35,7 +35,9 @@ from .params import Interval, Options
 
 # The directory's layout: names every reader and writer share.
 FORMAT = "stackvision-model"
-FORMAT_VERSION = 1
+#: 2: a stack records ``averaging`` (the mean logit of its heads and views); a version-1 stack
+#: is read as the mean probability, the rule it was calibrated for (``validation.AVERAGING``)
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 
