@@ -67,6 +67,10 @@ def datasets(which):
         tr, te = holdout_split(y, 0.3, seed=0)
         pick = lambda idx: ([fl.paths[i] for i in idx], [fl.labels[i] for i in idx])  # noqa: E731
         out["flowers5"] = (pick(tr), pick(te))
+    if "imagewoof" in which:  # the no-regression set: train -> val
+        tr = from_folder(os.path.join(SHARED_DATA, "imagewoof", "train"))
+        va = from_folder(os.path.join(SHARED_DATA, "imagewoof", "val"))
+        out["imagewoof"] = ((tr.paths, tr.labels), (va.paths, va.labels))
     return out
 
 

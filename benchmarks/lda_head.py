@@ -22,10 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SHARED_DATA, cpu_flags, machine, md_table, today, write_results  # noqa: E402
+from _common import cpu_flags, machine, md_table, today, write_results  # noqa: E402
 from accuracy_features import datasets, fit_and_score  # noqa: E402
 from stackvision import Runtime, StackedClassifier  # noqa: E402
-from stackvision.data import from_folder  # noqa: E402
 
 
 def fit_score(data, cache, head_params):
@@ -48,11 +47,7 @@ def main() -> int:
     ap.add_argument("--data", nargs="+", default=["cub86", "flowers5", "imagewoof"])
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "lda_head.md"))
     args = ap.parse_args()
-    sets = datasets([d for d in args.data if d != "imagewoof"])
-    if "imagewoof" in args.data:
-        tr = from_folder(os.path.join(SHARED_DATA, "imagewoof", "train"))
-        va = from_folder(os.path.join(SHARED_DATA, "imagewoof", "val"))
-        sets["imagewoof"] = ((tr.paths, tr.labels), (va.paths, va.labels))
+    sets = datasets(args.data)
     rows = []
     for name, data in sets.items():
         before = fit_score(data, args.cache, {"lda": 0.0})

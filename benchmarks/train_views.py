@@ -75,11 +75,7 @@ def main() -> int:
         lines.append(f"- Extraction, {args.cost} cub86 images, default stack, cold feature cache, "
                      f"warm engines, in-loop, alternated: " + "; ".join(
                          f"{k}: {', '.join(f'{s:.1f} s' for s in v)}" for k, v in c.items()))  # fmt: skip
-    sets = datasets([d for d in args.data if d != "imagewoof"])
-    if "imagewoof" in args.data:
-        tr = from_folder(os.path.join(SHARED_DATA, "imagewoof", "train"))
-        va = from_folder(os.path.join(SHARED_DATA, "imagewoof", "val"))
-        sets["imagewoof"] = ((tr.paths, tr.labels), (va.paths, va.labels))
+    sets = datasets(args.data)
     rows = []
     for name, data in sets.items():
         first = fit_score(data, args.cache, args.k)  # extracts the views (cached after)
