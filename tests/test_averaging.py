@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from stackvision import Runtime, StackedClassifier
+from stackvision.cli import main
 from stackvision.export import prepare_images
 from stackvision.heads import softmax
 from stackvision.validation import apply_temperature, ensemble_proba
@@ -41,7 +42,7 @@ def test_mean_logit_and_mean_probability_differ_as_they_should():
     assert not np.allclose(mean_logit[0], mean_p)
 
 
-def test_a_model_saved_before_keeps_the_mean_probability_everywhere(woof_train, woof_val, cache_dir, tmp_path):  # fmt: skip
+def test_a_model_saved_before_keeps_the_mean_probability_everywhere(woof_train, woof_val, cache_dir, tmp_path, capsys):  # fmt: skip
     paths, labels = labelled_jpegs(woof_train)
     rt = Runtime(cache_dir=cache_dir, device="cpu")
     model = StackedClassifier(["lite0"], folds=2, runtime=rt).fit(paths, labels)
@@ -60,6 +61,8 @@ def test_a_model_saved_before_keeps_the_mean_probability_everywhere(woof_train, 
     (tmp_path / "m" / "manifest.json").write_text(json.dumps(manifest))
     old = StackedClassifier.load(out, rt)
     assert old.averaging_ == "proba"
+    assert main(["info", out, "--json"]) == 0
+    assert '"averaging": "proba"' in capsys.readouterr().out
     p_old = np.mean([h.predict_proba(Xs.reshape(-1, Xs.shape[-1])).reshape(len(vp), 2, -1).mean(1)
                      for h in model.heads_], axis=0)  # fmt: skip
     expected_old = apply_temperature(p_old, model.temperature_)

@@ -72,9 +72,10 @@ def _rows(X: np.ndarray, idx: np.ndarray, n_views: int) -> np.ndarray:
 
 
 #: how a stack averages its fold heads and views: ``logits`` (the softmax of the mean logit, what
-#: ``fit`` does) or ``proba`` (the mean probability: models saved without ``averaging`` in their
-#: manifest, whose temperature was fitted to it). Same accuracy; log loss with 5 folds and flip, default stack: cub86 0.2444
-#: -> 0.2434, flowers5 0.5584 -> 0.5447, imagewoof 0.1277 -> 0.1247 (BENCHMARKS.md).
+#: ``fit`` does) or ``proba`` (the mean probability: models of format version 1, whose
+#: temperature was fitted to it). The default stack, 5 folds, flip: about the same accuracy, log
+#: loss cub86 0.2444 -> 0.2434, flowers5 0.5589 -> 0.5451, imagewoof 0.1277 -> 0.1247
+#: (BENCHMARKS.md, "Averaging fold heads and views as logits").
 AVERAGING = ("logits", "proba")
 
 

@@ -70,6 +70,7 @@ def describe(path: str) -> dict:
         ]
         out |= {k: m.get(k) for k in ("head", "folds", "n_heads", "views", "tta", "temperature")}
         out |= {k: m.get(k) for k in ("train_views", "precision", "class_weight")}
+        out["averaging"] = m.get("averaging", "proba")  # format version 1: mean probabilities
     elif kind == "finetune":
         b = m["backbone"]
         out["backbones"] = [
@@ -116,8 +117,8 @@ def _text(d: dict) -> str:
                 f"    {mem['name']} ({mem['kind']})"
                 + (f"  weight {wt:.3f}" if wt is not None else "")
             )
-    for key in ("head", "folds", "n_heads", "views", "tta", "train_views", "precision",
-                "class_weight"):  # fmt: skip
+    for key in ("head", "folds", "n_heads", "views", "tta", "averaging", "train_views",
+                "precision", "class_weight"):  # fmt: skip
         if d.get(key) is not None and (key != "train_views" or d[key]):
             v = d[key]
             if isinstance(v, dict) and "params" in v:  # a stack head: logreg (C=0.02, ...)
