@@ -14,8 +14,8 @@ JPEG draft scale the decoder used, and the same view of an image is the same cro
 backbone.
 
 Measured side by side (BENCHMARKS.md, "Augmented training views"; default stack, K = 2): cub86
-(~30 images a class) +0.24 points, flowers5 and imagewoof (hundreds a class) -0.08 and -0.13,
-log loss within 0.001 on all three, for twice the training images' extraction and head fitting.
+(~30 images a class) +0.32 points and -0.003 log loss, flowers5 and imagewoof (hundreds a class)
+-0.23 and -0.10 points, for twice the training images' extraction and head fitting.
 It is not a robust gain, so no preset uses it: an option for small classes, to try with ``--val``.
 """
 
