@@ -124,3 +124,23 @@ def test_train_views_through_the_cli(woof_train, woof_val, cache_dir, tmp_path, 
     one_line_error(capsys, "--train-views")
     assert main([*args, "--train-views", "2", "--from-shards", str(tmp_path)]) == 2
     one_line_error(capsys, "--train-views needs images")
+
+
+@pytest.mark.parametrize(
+    "kw", [{"folds": 0, "val_split": 0.25}, {"folds": 0}, {"folds": 2, "head": "mlp"}]
+)
+def test_single_heads_hold_outs_and_mlp_heads_take_the_extra_rows(woof_train, woof_val, cache_dir, kw):  # fmt: skip
+    paths, labels = labelled_jpegs(woof_train)
+    vp, vl = labelled_jpegs(woof_val)
+    rt = Runtime(cache_dir=cache_dir, device="cpu")
+    if kw.get("head") == "mlp":
+        kw = {**kw, "head_params": {"hidden": 16, "epochs": 3, "patience": 1}}
+    val = (vp, vl) if kw == {"folds": 0} else None  # a separate validation set: its own views
+    model = StackedClassifier(["lite0"], train_views=1, runtime=rt, **kw)
+    model.fit(paths, labels, val=val)
+    pred = model.predict_paths(vp)
+    assert pred.proba.shape == (24, 4)
+    assert (np.asarray(pred.classes)[pred.proba.argmax(1)] == np.asarray(vl)).mean() >= 0.75
+    if kw.get("folds") == 0:  # scored on the hold-out's original views
+        n_val = 24 if val else 12
+        assert model.metrics_["validation"] == "hold-out" and model.metrics_["n_images"] == n_val
