@@ -80,37 +80,27 @@ class FeatureStore:
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM features").fetchone()[0]
 
+    def _usable(self, columns: str, hashes: Sequence[str], view: str):
+        """``SELECT columns`` of the usable rows among ``hashes`` for ``view`` (a row of a
+        foreign size counts as missing), in chunks under SQLite's bound-parameter limit."""
+        unique = list(dict.fromkeys(hashes))
+        for i in range(0, len(unique), 500):
+            chunk = unique[i : i + 500]
+            yield from self._db.execute(
+                f"SELECT {columns} FROM features WHERE view=? AND length(vec)=? AND image IN "
+                f"({','.join('?' * len(chunk))})",
+                (view, 4 * self.dim, *chunk),
+            )
+
     def get_many(self, hashes: Sequence[str], view: str) -> dict[str, np.ndarray]:
         """The stored vectors among ``hashes`` for ``view``; absent ones are simply missing."""
-        out: dict[str, np.ndarray] = {}
-        unique = list(dict.fromkeys(hashes))
-        step = 500  # stay under SQLite's bound-parameter limit
-        for i in range(0, len(unique), step):
-            chunk = unique[i : i + step]
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                f"SELECT image, vec FROM features WHERE view=? AND image IN ({marks})",
-                (view, *chunk),
-            )
-            for image, blob in rows:
-                vec = np.frombuffer(blob, dtype=np.float32)
-                if vec.size == self.dim:  # a foreign-sized row is treated as missing
-                    out[image] = vec
-        return out
+        rows = self._usable("image, vec", hashes, view)
+        return {image: np.frombuffer(blob, dtype=np.float32) for image, blob in rows}
 
     def missing(self, hashes: Sequence[str], view: str) -> set[str]:
         """The ``hashes`` without a usable row for ``view``, from the key index and each row's
         length alone (the vectors are not read)."""
-        have: set[str] = set()
-        unique = list(dict.fromkeys(hashes))
-        for i in range(0, len(unique), 500):  # under SQLite's bound-parameter limit
-            chunk = unique[i : i + 500]
-            rows = self._db.execute(
-                "SELECT image FROM features WHERE view=? AND length(vec)=? AND image IN "
-                f"({','.join('?' * len(chunk))})",
-                (view, 4 * self.dim, *chunk),
-            )
-            have.update(image for (image,) in rows)
+        have = {image for (image,) in self._usable("image", hashes, view)}
         return {h for h in hashes if h not in have}
 
     def put_many(self, items: Iterable[tuple[str, str, np.ndarray]]) -> None:
