@@ -69,7 +69,7 @@ class Preprocess:
     def to_uint8(self, img: Image.Image) -> np.ndarray:
         """Resize and crop an RGB image to ``input_size`` x ``input_size``; returns HWC uint8."""
         s, r = self.input_size, self.resize_size
-        resample = _INTERPOLATION.get(self.interpolation, Image.Resampling.BICUBIC)
+        resample = self.resample
         w, h = img.size
         if self.crop_mode == "squash":
             img = img.resize((r, r), resample)
@@ -85,7 +85,16 @@ class Preprocess:
             w, h = nw, nh
         left = int(round((w - s) / 2.0))
         top = int(round((h - s) / 2.0))
-        img = img.crop((left, top, left + s, top + s))
+        return self.array(img.crop((left, top, left + s, top + s)))
+
+    @property
+    def resample(self) -> Image.Resampling:
+        """PIL's filter for ``interpolation`` (bicubic for a name PIL lacks)."""
+        return _INTERPOLATION.get(self.interpolation, Image.Resampling.BICUBIC)
+
+    def array(self, img: Image.Image) -> np.ndarray:
+        """An RGB image already at the input size as contiguous HWC uint8 in this backbone's
+        channel order."""
         arr = np.asarray(img, dtype=np.uint8)
         if self.channel_order == "BGR":
             arr = arr[..., ::-1]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .preprocess import _INTERPOLATION, Preprocess
+from .preprocess import Preprocess
 
 SCALE = (0.35, 1.0)  # area fraction of the crop
 RATIO = (3 / 4, 4 / 3)  # its aspect ratio
@@ -87,11 +87,7 @@ class ViewCrop:
     def to_uint8(self, img: Image.Image) -> np.ndarray:
         """The view as HWC uint8 at the backbone's input size (in its channel order)."""
         (box, flip), s = self.box(*img.size), self.pp.input_size
-        resample = _INTERPOLATION.get(self.pp.interpolation, Image.Resampling.BICUBIC)
-        out = img.resize((s, s), resample, box=box)
+        out = img.resize((s, s), self.pp.resample, box=box)
         if flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        arr = np.asarray(out, dtype=np.uint8)
-        if self.pp.channel_order == "BGR":
-            arr = arr[..., ::-1]
-        return np.ascontiguousarray(arr)
+        return self.pp.array(out)
