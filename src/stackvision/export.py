@@ -284,7 +284,7 @@ def _torch_module_class():
                     xi = torch.clamp(torch.round(xi), 0, 255).to(torch.float32)
                 feats.append(model(self.normalize[k].standardize(xi)))
             f = torch.cat(feats, 1)
-            probs = None
+            mean = None  # of the heads' logits, or of their probabilities (format version 1)
             for h, n_layers in enumerate(self._heads):
                 z = (f - self.get_buffer(f"h{h}_mean")) / self.get_buffer(f"h{h}_scale")
                 for i in range(n_layers):
@@ -293,12 +293,11 @@ def _torch_module_class():
                     if i < n_layers - 1:
                         z = torch.relu(z)
                 p = z if self.logits else torch.softmax(z, dim=1)
-                probs = p if probs is None else probs + p
-            probs = probs / len(self._heads)
+                mean = p if mean is None else mean + p
+            mean = mean / len(self._heads)
             if self.n_views == 2:  # slices, not a reshape: ONNX Reshape reads a 0 dim as "copy"
-                probs = (probs[:n] + probs[n:]) / 2  # so an empty batch came out (C, 0)
-            if self.logits:  # the mean logit -> probabilities
-                probs = torch.softmax(probs, dim=1)
+                mean = (mean[:n] + mean[n:]) / 2  # so an empty batch came out (C, 0)
+            probs = torch.softmax(mean, dim=1) if self.logits else mean
             if self.temperature != 1.0:
                 logp = torch.log(torch.clamp(probs, 1e-12, 1.0))
                 probs = torch.softmax(logp / self.temperature, dim=1)

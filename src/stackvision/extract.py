@@ -141,7 +141,7 @@ def extract(
     # 2. Which (image, backbone) pairs are missing any requested view.
     live, lacking = missing_by_view(stores, hashes, views)  # only these (hash, view) are computed
     todo = {name: set().union(*lack.values()) for name, lack in lacking.items()}
-    plain = {n: set().union(set(), *(s for v, s in lack.items() if v not in crops))
+    plain = {n: set().union(*(s for v, s in lack.items() if v not in crops))
              for n, lack in lacking.items()}  # fmt: skip
     need = [i for i, h in enumerate(hashes) if h is not None and any(h in t for t in todo.values())]
     need = list(dict.fromkeys(need))
