@@ -7,12 +7,11 @@ folds, TTA, calibration) -> :mod:`model_dir` (save / load). The CLI only calls t
 from __future__ import annotations
 
 import numbers
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
-from .backbones import DEFAULT_STACK, BackboneSpec, resolve, saved_specs
+from .backbones import DEFAULT_STACK, BackboneSpec, resolve
 from .base import ModelBase, Predictions, largest_input
 from .cache import FeatureCache
 from .data import check_trainable
@@ -21,13 +20,12 @@ from .errors import StackvisionError
 from .extract import Features
 from .head_select import choose_head
 from .heads import HEADS, make_head
-from .metrics import summary_row
-from .model_dir import read_manifest, read_tensors
 from .params import Interval, InvalidParameter, Options
 from .preprocess import Preprocess
 from .readout import PoolOption, expand_named
 from .runners import extract_features
 from .runtime import Runtime
+from .stack_io import head_tensors, load_stack, stack_manifest
 from .train_views import MAX_VIEWS, view_names
 from .validation import TTA_MODES, apply_temperature, ensemble_proba, fit_stack_heads
 
@@ -351,43 +349,10 @@ class StackedClassifier(ModelBase):
 
     # ------------------------------------------------------------------ persistence
     def _manifest(self) -> dict:
-        local = lambda s: s.weights_path if s.source == "file" else None  # noqa: E731
-        counts = Counter(self.classes_[i] for i in self.train_y_)
-        return {
-            **self._manifest_head(),
-            "backbones": [
-                {**s.to_dict(), "pool": self.pool, "weights_path": local(s)} for s in self.specs_
-            ],
-            "views": list(self._views),
-            "tta": self.tta,
-            "averaging": self.averaging_,
-            "train_views": self.train_views,
-            "head": {
-                "kind": self._head_kind,
-                "params": make_head(self._head_kind, self.__dict__.get("head_params_")).params,
-                **({"selected_by": "auto"} if self.head == "auto" else {}),
-            },
-            "folds": self.folds,
-            "n_heads": len(self.heads_),
-            "temperature": self.temperature_,
-            "precision": self.precision_,
-            "calibration": self.calibration_,
-            "class_weight": self.class_weight,
-            "seed": self.seed,
-            "training": {
-                "n_images": int(len(self.train_y_)),
-                "per_class": dict(sorted(counts.items())),
-                "n_problems": len(self.problems_),
-            },
-            "metrics": summary_row(self.metrics_) if self.metrics_ else None,
-        }
+        return {**self._manifest_head(), **stack_manifest(self)}
 
     def _tensors(self) -> dict[str, np.ndarray]:
-        out = {}
-        for k, h in enumerate(self.heads_):
-            for name, arr in h.state().items():
-                out[f"head{k}.{name}"] = np.asarray(arr, np.float32)
-        return out
+        return head_tensors(self.heads_)
 
     def save(self, path: str, *, report: bool = True) -> str:
         """Write the model directory (see :mod:`stackvision.model_dir`), with metrics and report."""
@@ -407,44 +372,4 @@ class StackedClassifier(ModelBase):
     ) -> StackedClassifier:
         """Load a model directory, to run with ``runtime``; ``weights`` (backbone name -> file)
         points at backbone weights that moved since training."""
-        manifest = read_manifest(path)
-        if manifest.get("kind", "stack") != cls.kind:
-            raise StackvisionError(
-                f"{path} holds a '{manifest.get('kind')}' model, not a feature stack",
-                "use stackvision.load_model()",
-            )
-        tensors = read_tensors(path, manifest)  # validated before the slow backbone set-up
-        bb = manifest["backbones"]
-        weights = dict(weights or {})
-        for b in bb:
-            if b.get("weights_path") and b["name"] not in weights:
-                weights[b["name"]] = b["weights_path"]
-        model = cls(
-            [b["name"] for b in bb],
-            head=manifest["head"]["kind"],
-            head_params=manifest["head"]["params"],
-            folds=manifest["folds"],
-            tta=manifest["tta"],
-            train_views=manifest.get("train_views", 0),
-            pool=bb[0]["pool"],
-            class_weight=manifest.get("class_weight"),
-            weights=weights,
-            seed=manifest.get("seed", 0),
-            runtime=runtime,
-        )
-        model.specs_ = saved_specs(bb, weights, path)
-        model.heads_ = []
-        for k in range(manifest["n_heads"]):
-            prefix = f"head{k}."
-            state = {n[len(prefix) :]: a for n, a in tensors.items() if n.startswith(prefix)}
-            model.heads_.append(
-                make_head(manifest["head"]["kind"], manifest["head"]["params"]).load_state(state)
-            )
-        model.classes_ = list(manifest["classes"])
-        model._precision = model._runtime().precision or manifest.get("precision", "fp32")
-        model.calibration_ = manifest.get("calibration")
-        model.manifest_ = manifest
-        model.metrics_, model.eval_, model.histories_, model.problems_ = None, None, [], []
-        model.temperature_ = float(manifest["temperature"])
-        model.averaging_ = manifest.get("averaging", "proba")
-        return model
+        return load_stack(cls, path, runtime, weights)
