@@ -31,6 +31,8 @@ FINE_GRAINED = ("lite0@256+gem+mid2", "lite1@272+gem+mid2", "lite2@288+gem+mid2"
 #: the default: fine-grained gained on cub86, flowers5 and imagewoof over the classic stack for
 #: ~1.2x its FLOPs (BENCHMARKS.md, "features")
 DEFAULT_STACK = FINE_GRAINED
+#: the same readout at larger inputs (``fine-grained-large``): the second stack of --preset best
+FINE_GRAINED_LARGE = ("lite0@320+gem+mid2", "lite1@336+gem+mid2", "lite2@352+gem+mid2")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@ ensemble, as much as fits in a time limit, with an honest protocol.
 
 Protocol (every score is on images that were not used to fit what is scored):
 
-1. **Stack** on every training image (k-fold, flip TTA): its scores are out-of-fold.
+1. **Stack** on every training image (k-fold, flip TTA): its scores are out-of-fold. When it is
+   the default stack, the same stack at larger inputs (``fine-grained-large``, :data:`LARGER_INPUTS`)
+   is trained the same way as a second member (scored out-of-fold too).
 2. A stratified **hold-out H** (``holdout``, default 20% of the training images, identical files
    on one side) is set aside. Each **fine-tuned member** (LP-FT, :data:`FT_RECIPE`) trains on the
    other images only (its early stopping on a split of those), and never sees H.
@@ -11,7 +13,9 @@ Protocol (every score is on images that were not used to fit what is scored):
    member) is chosen and scored out-of-fold on H, from the stack's out-of-fold probabilities on H
    and the members' predictions on H. The kept combiner is then refitted on all of H.
 
-Budget: the stack runs first (it is what every preset makes); then each fine-tuned member starts
+Budget: the stack runs first (it is what every preset makes); the larger-input stack starts only
+if its cost, measured on a sample of the images (:func:`_large_stack_need`), fits in what is left;
+then each fine-tuned member starts
 only if its estimated cost (decoding, the probe's features, :data:`MIN_EPOCHS` epochs, its
 predictions) fits in what is left, less a reserve for the ensemble and saving, and it gets the
 rest as its own time limit (it stops cleanly, keeping its best weights). What does not fit is
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .backbones import DEFAULT_STACK, FINE_GRAINED_LARGE
 from .metrics import classification_metrics, summary_row
 
 #: the fine-tuning recipe of the members (see docs/finetune.md and BENCHMARKS.md)
@@ -43,6 +48,12 @@ FT_RECIPE = {
 #: smaller input is the fallback when the backbone's own does not fit (about half the cost)
 FT_MEMBERS = (("lite0", None), ("lite0", 160), ("lite1", None))
 MIN_EPOCHS = 1
+#: stack -> the second stack, its readout at larger inputs. Alone it gained on cub86 and lost on
+#: flowers5; as a member of the 'best' ensemble it lowered the log loss on both (BENCHMARKS.md,
+#: "input size")
+LARGER_INPUTS = {DEFAULT_STACK: FINE_GRAINED_LARGE}
+#: images extracted to build the large stack's engines, then to time it
+PROBE_WARM, PROBE_TIMED = 8, 32
 #: seconds kept for the ensemble and writing the model (plus 2% of the limit)
 RESERVE_S = 20.0
 
@@ -101,6 +112,31 @@ def _speed(backbone: str, weights, input_size: int | None, batch: int = 8) -> tu
     return rates[0], rates[1]
 
 
+def _large_stack_need(large, paths: list[str], fit_seconds: float) -> tuple[float, float]:
+    """(seconds the larger-input stack would still need, seconds this estimate took): its
+    features extracted for a few images (building its engines), then timed on the next ones,
+    which also says how many the cache already holds; plus the first stack's head fitting."""
+    t0 = time.monotonic()
+    step = max(1, len(paths) // (PROBE_WARM + PROBE_TIMED))
+    sample = paths[::step][: PROBE_WARM + PROBE_TIMED]
+    large.features(sample[:PROBE_WARM])
+    timed = sample[PROBE_WARM:]
+    stats = large.features(timed).stats if timed else {}
+    n_new = stats.get("n_computed", 0)
+    per_image = stats.get("compute_seconds", 0.0) / max(n_new, 1)
+    left = max(len(paths) - len(sample), 0) * (n_new / max(len(timed), 1))
+    return 1.1 * left * per_image + 1.2 * fit_seconds, time.monotonic() - t0
+
+
+def _h_rows(model, h_paths: list[str]) -> np.ndarray | None:
+    """A stack's out-of-fold probabilities on the rows of H, or None if it lacks one of them."""
+    opaths, _, oproba = model.eval_
+    where = {p: i for i, p in enumerate(opaths)}
+    if any(p not in where for p in h_paths):
+        return None
+    return oproba[[where[p] for p in h_paths]]
+
+
 def fit_best(
     paths: list[str],
     labels: list[str],
@@ -131,7 +167,8 @@ def fit_best(
     t0 = time.monotonic()
     stack = StackedClassifier(**stack_params, weights=weights, seed=seed, runtime=runtime)
     stack.fit(paths, labels)
-    steps.append(Step(f"stack {'+'.join(s.name for s in stack.specs_)}", time.monotonic() - t0,
+    t_stack = time.monotonic() - t0
+    steps.append(Step(f"stack {'+'.join(s.name for s in stack.specs_)}", t_stack,
                       "all (CV)", stack.metrics_, f"{stack.folds}-fold out-of-fold"))  # fmt: skip
     opaths, oy, oproba = stack.eval_
     classes = list(stack.classes_)
@@ -146,11 +183,37 @@ def fit_best(
     on_h = "H"
     steps.append(Step("stack, on H", 0.0, on_h, classification_metrics(h_y, oproba[hold], classes),
                       "out-of-fold rows of H"))  # fmt: skip
-    members, P = [stack], [oproba[hold]]
+    members, P, names = [stack], [oproba[hold]], ["stack"]
     counts = np.bincount(h_y, minlength=len(classes))
     # the combiners are fitted and scored k-fold on H: at least 2 images of every class there
+    larger = LARGER_INPUTS.get(tuple(stack._backbone_names()))
+    if counts.min() >= 2 and larger and stack.precision_ != "int8":
+        label = f"+ stack {'+'.join(larger)}"
+        t0 = time.monotonic()
+        large = StackedClassifier(**{**stack_params, "backbones": list(larger)},
+                                  weights=weights, seed=seed, runtime=runtime)  # fmt: skip
+        left = end - time.monotonic() - reserve
+        need, probe_s = (0.0, 0.0) if left <= 0 else _large_stack_need(
+            large, paths, t_stack - stack.extract_stats_["seconds"])  # fmt: skip
+        if left <= 0 or need > left - probe_s:
+            steps.append(Step(label, time.monotonic() - t0, "-", None,
+                              f"skipped: needs ~{need:.0f} s, {max(left - probe_s, 0):.0f} s left"))  # fmt: skip
+        else:
+            say(f"training the stack at larger inputs ({', '.join(larger)}) ...")
+            large.fit(paths, labels)
+            p_h = _h_rows(large, h_paths)
+            if p_h is None:
+                steps.append(Step(label, time.monotonic() - t0, "-", None,
+                                  "left out: could not read every hold-out image"))  # fmt: skip
+            else:
+                members.append(large)
+                P.append(p_h)
+                names.append("stack-large")
+                steps.append(Step(label, time.monotonic() - t0, on_h,
+                                  classification_metrics(h_y, p_h, classes),
+                                  f"{large.folds}-fold out-of-fold rows of H"))  # fmt: skip
     for bb, size in FT_MEMBERS if counts.min() >= 2 else ():
-        if any(m.spec_.name == bb for m in members[1:]):
+        if any(getattr(m, "spec_", None) and m.spec_.name == bb for m in members):
             continue  # this backbone is a member already (at another size)
         bb_name = bb + (f"@{size}px" if size else "")
         left = end - time.monotonic() - reserve
@@ -181,6 +244,7 @@ def fit_best(
         cols = [list(ft.classes_).index(c) for c in classes]
         P.append(pred.proba[:, cols])
         members.append(ft)
+        names.append(f"ft-{ft.spec_.name}-{ft.preprocess_.input_size}px")
         note = f"{len(ft.history_)} epoch(s), best {ft.best_epoch_}" + (
             ", stopped by the time limit" if ft.deadline_.hit else ""
         )
@@ -188,20 +252,20 @@ def fit_best(
                           classification_metrics(h_y, P[-1], classes), note))  # fmt: skip
 
     if counts.min() < 2:
-        steps.append(Step("+ LP-FT members", 0.0, "-", None,
+        steps.append(Step("+ second stack and LP-FT members", 0.0, "-", None,
                           "skipped: too few images per class for a hold-out (fewer than 10)"))  # fmt: skip
     protocol = (
         f"Protocol: the stack was scored out-of-fold ({stack.folds}-fold) on all training images. "
         f"A stratified hold-out H of {len(h_paths)} training images (seed {seed}) was set aside; "
         "fine-tuned members trained on the other images only. The ensemble was chosen and scored "
-        "out-of-fold on H (the stack's probabilities on H are its out-of-fold ones). No score "
+        "out-of-fold on H (the stacks' probabilities on H are their out-of-fold ones). No score "
         "was computed on images used to fit what is scored."
     )
     if len(members) == 1:
-        stack.metrics_["protocol"] = protocol
-        return BestResult(
-            stack, steps, protocol + " No fine-tuned member fitted: the model is the stack."
+        stack.metrics_["protocol"] = text = (
+            protocol + " No other member fitted: the model is the stack."
         )
+        return BestResult(stack, steps, text)
 
     # 3. the ensemble, chosen and scored out-of-fold on H
     from .ensemble import EnsembleClassifier
@@ -212,16 +276,15 @@ def fit_best(
     ens = EnsembleClassifier(members, method="best", folds=5, seed=seed, runtime=runtime)
     ens._validate_params()
     ens._load_members()
-    ens.member_names_ = ["stack"] + [
-        f"ft-{m.spec_.name}-{m.preprocess_.input_size}px" for m in members[1:]
-    ]
+    ens.member_names_ = names
     fit_combiners(ens, h_paths, as_array(P), h_y, content_groups(h_paths))
     ens.problems_, ens.manifest_ = list(stack.problems_), None
     ens.metrics_["protocol"] = protocol
     chosen = ens.selection_.name
     steps.append(Step(f"+ ensemble best ({chosen})", time.monotonic() - t0, on_h, ens.metrics_,
                       f"{len(ens.metrics_.get('folds') or []) or 5}-fold out-of-fold on H"))  # fmt: skip
-    if chosen == "member:stack":
-        stack.metrics_["protocol"] = protocol
-        return BestResult(stack, steps, protocol + " The ensemble chose the stack alone.")
+    if chosen.startswith("member:") and chosen[len("member:") :].startswith("stack"):
+        alone = members[names.index(chosen[len("member:") :])]
+        alone.metrics_["protocol"] = text = protocol + f" The ensemble chose {chosen[7:]} alone."
+        return BestResult(alone, steps, text)
     return BestResult(ens, steps, protocol)

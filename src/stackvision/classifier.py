@@ -167,6 +167,19 @@ class StackedClassifier(ModelBase):
             **({"calibration": self.calibration_} if self.calibration_ else {}),
         )
 
+    def features(self, X: Sequence[str]) -> Features:
+        """The (cached) features of the images ``X`` with this estimator's backbones, views and
+        runtime, fitted or not: fills the feature cache ahead of :meth:`fit` (``--preset best``
+        measures a stack's extraction rate this way). Unfitted, int8 needs the training images'
+        calibration, so it is refused."""
+        self._validate_params()
+        if "specs_" not in self.__dict__:
+            if (self._runtime().precision or "fp32") == "int8":
+                raise StackvisionError("int8 features need a fitted model's calibration",
+                                       "fit the model first, or use fp32 or bf16")  # fmt: skip
+            self.specs_ = self._specs()
+        return self._features(list(X))
+
     # ------------------------------------------------------------------ fit
     def fit(
         self, X: Sequence[str], y: Sequence, *, val: tuple[Sequence[str], Sequence] | None = None

@@ -150,8 +150,9 @@ def add_backbone_options(p: argparse.ArgumentParser) -> None:
         "--backbones",
         default=",".join(DEFAULT_STACK),
         help="comma-separated backbones to stack, NAME[@SIZE][+READOUT] (e.g. lite0@256+gem),"
-        f" or a named stack: fine-grained (the default: {','.join(DEFAULT_STACK)}) or classic"
-        " (lite0,lite1,lite2 at their own sizes, average pooling)",
+        f" or a named stack: fine-grained (the default: {','.join(DEFAULT_STACK)}), classic"
+        " (lite0,lite1,lite2 at their own sizes, average pooling) or fine-grained-large (the"
+        " fine-grained readout at 320/336/352 px)",
     )
     p.add_argument(
         "--pool",
