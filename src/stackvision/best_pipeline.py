@@ -149,10 +149,13 @@ def fit_best(
     seed: int = 0,
     say=print,
     started: float | None = None,
+    ft_members: tuple | None = None,
 ) -> BestResult:
     """Run the pipeline (see the module doc) on ``paths``/``labels``. ``stack_params``: the
     :class:`~stackvision.classifier.StackedClassifier` parameters (backbones, head, folds...).
-    ``started``: ``time.monotonic()`` when the command began (default: now)."""
+    ``started``: ``time.monotonic()`` when the command began (default: now). ``ft_members``:
+    the (backbone, input size) pairs to fine-tune, in order (default :data:`FT_MEMBERS`; ``()``:
+    the stacks only)."""
     from .classifier import StackedClassifier
     from .duplicates import content_groups
     from .finetune import FineTunedClassifier
@@ -212,7 +215,8 @@ def fit_best(
                 steps.append(Step(label, time.monotonic() - t0, on_h,
                                   classification_metrics(h_y, p_h, classes),
                                   f"{large.folds}-fold out-of-fold rows of H"))  # fmt: skip
-    for bb, size in FT_MEMBERS if counts.min() >= 2 else ():
+    ft_members = FT_MEMBERS if ft_members is None else ft_members
+    for bb, size in ft_members if counts.min() >= 2 else ():
         if any(getattr(m, "spec_", None) and m.spec_.name == bb for m in members):
             continue  # this backbone is a member already (at another size)
         bb_name = bb + (f"@{size}px" if size else "")
