@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import SHARED_DATA, cpu_flags, machine, md_table, today, write_results  # noqa: E402
-from accuracy_features import datasets, fit_and_score  # noqa: E402
+from accuracy_features import _gflops, datasets, fit_and_score  # noqa: E402
 from stackvision import Runtime, StackedClassifier  # noqa: E402
 from stackvision.backbones import DEFAULT_STACK, resolve  # noqa: E402
 from stackvision.best_pipeline import fit_best  # noqa: E402
@@ -109,7 +109,9 @@ def main() -> int:
         c = cost(args.cost, os.path.join(args.cache, "engines"), stacks)
         base = min(c[next(iter(c))])
         for label, secs in c.items():
-            rows.append({"stack": label, "seconds (rounds)": ", ".join(f"{s:.1f}" for s in secs),
+            gflops = sum(_gflops(resolve(n), "avg") for n in names(stacks[label]))
+            rows.append({"stack": label, "GFLOPs/img/view": f"{gflops:.2f}",
+                         "seconds (rounds)": ", ".join(f"{s:.1f}" for s in secs),
                          f"x {next(iter(c))}": f"{min(secs) / base:.2f}"})  # fmt: skip
         lines += ["", f"Extraction, {args.cost} cub86 images, orig+flip, cold feature cache, "
                   "warm engines, in-loop, alternated (best round):", "", md_table(rows, list(rows[0]))]  # fmt: skip

@@ -124,6 +124,7 @@ def _large_stack_need(large, paths: list[str], fit_seconds: float) -> tuple[floa
     stats = large.features(timed).stats if timed else {}
     n_new = stats.get("n_computed", 0)
     per_image = stats.get("compute_seconds", 0.0) / max(n_new, 1)
+    per_image *= 1 + large.train_views / large.n_views_  # fit extracts the training views too
     left = max(len(paths) - len(sample), 0) * (n_new / max(len(timed), 1))
     return 1.1 * left * per_image + 1.2 * fit_seconds, time.monotonic() - t0
 
@@ -196,9 +197,11 @@ def fit_best(
         large = StackedClassifier(**{**stack_params, "backbones": list(larger)},
                                   weights=weights, seed=seed, runtime=runtime)  # fmt: skip
         left = end - time.monotonic() - reserve
-        need, probe_s = (0.0, 0.0) if left <= 0 else _large_stack_need(
-            large, paths, t_stack - stack.extract_stats_["seconds"])  # fmt: skip
-        if left <= 0 or need > left - probe_s:
+        fit_s = t_stack - stack.extract_stats_["seconds"]
+        # not even its head fitting fits: skip without the probe (which builds engines)
+        need, probe_s = (1.2 * fit_s, 0.0) if left < 1.2 * fit_s else _large_stack_need(
+            large, paths, fit_s)  # fmt: skip
+        if need > left - probe_s:
             steps.append(Step(label, time.monotonic() - t0, "-", None,
                               f"skipped: needs ~{need:.0f} s, {max(left - probe_s, 0):.0f} s left"))  # fmt: skip
         else:
