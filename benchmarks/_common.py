@@ -89,6 +89,11 @@ def write_results(path: str, text: str) -> None:
     print(text)
 
 
+def write_table(path: str, lines: list[str], rows: list[dict]) -> None:
+    """A results file: the header ``lines``, then the ``rows`` as a table (printed too)."""
+    write_results(path, "\n".join([*lines, "", md_table(rows, list(rows[0]))]))
+
+
 def md_table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
         if v is None:

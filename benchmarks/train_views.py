@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SHARED_DATA, cpu_flags, machine, md_table, today, write_results  # noqa: E402
+from _common import SHARED_DATA, cpu_flags, machine, today, write_table  # noqa: E402
 from accuracy_features import datasets, fit_and_score  # noqa: E402
 from stackvision import Runtime, StackedClassifier  # noqa: E402
 from stackvision.backbones import DEFAULT_STACK, resolve  # noqa: E402
@@ -91,9 +91,7 @@ def main() -> int:
                 f"{before['fit_s']:.0f} / {after['fit_s']:.0f}; {first['fit_s']:.0f}",
         })  # fmt: skip
         print(rows[-1], flush=True)
-    lines += ["", md_table(rows, list(rows[0]))]
-    write_results(args.out, "\n".join(lines))
-    print("\n".join(lines))
+    write_table(args.out, lines, rows)
     return 0
 
 
