@@ -144,3 +144,14 @@ def test_single_heads_hold_outs_and_mlp_heads_take_the_extra_rows(woof_train, wo
     if kw.get("folds") == 0:  # scored on the hold-out's original views
         n_val = 24 if val else 12
         assert model.metrics_["validation"] == "hold-out" and model.metrics_["n_images"] == n_val
+
+
+def test_the_manifest_table_allows_exactly_the_views_a_model_can_have():
+    # model_schema keeps MAX_VIEWS as a literal (reading a model imports no PIL): keep them equal
+    from stackvision.model_schema import Invalid, check, manifest_tables
+    from stackvision.train_views import MAX_VIEWS
+
+    rule = manifest_tables()["stack"].optional["train_views"]
+    check(rule, MAX_VIEWS)
+    with pytest.raises(Invalid):
+        check(rule, MAX_VIEWS + 1)
