@@ -48,9 +48,9 @@ FT_RECIPE = {
 #: smaller input is the fallback when the backbone's own does not fit (about half the cost)
 FT_MEMBERS = (("lite0", None), ("lite0", 160), ("lite1", None))
 MIN_EPOCHS = 1
-#: stack -> the second stack, its readout at larger inputs. Alone it gained on cub86 and lost on
-#: flowers5; as a member of the 'best' ensemble it lowered the log loss on both (BENCHMARKS.md,
-#: "input size")
+#: stack -> the second stack, its readout at larger inputs. Alone it gained on cub86 and imagewoof
+#: and lost on flowers5; as a member of the 'best' ensemble it gained on the first two and the
+#: selection kept the default stack alone on flowers5 (BENCHMARKS.md, "Larger inputs")
 LARGER_INPUTS = {DEFAULT_STACK: FINE_GRAINED_LARGE}
 #: images extracted to build the large stack's engines, then to time it
 PROBE_WARM, PROBE_TIMED = 8, 32

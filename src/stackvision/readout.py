@@ -45,7 +45,7 @@ NAMED_STACKS = {
     "fine-grained": ("lite0@256+gem+mid2", "lite1@272+gem+mid2", "lite2@288+gem+mid2"),
     "classic": ("lite0", "lite1", "lite2"),
     # the same readout at ~1.35x each pretrained size: ~1.8x fine-grained's time; better on
-    # cub86, worse on flowers5 (BENCHMARKS.md, "input size"), so a member of --preset best only
+    # cub86, worse on flowers5 (BENCHMARKS.md, "Larger inputs"), so a member of --preset best only
     "fine-grained-large": ("lite0@320+gem+mid2", "lite1@336+gem+mid2", "lite2@352+gem+mid2"),
 }
 
