@@ -16,7 +16,7 @@ from stackvision.backbones import DEFAULT_STACK, FINE_GRAINED_LARGE
 from stackvision.best_pipeline import _large_stack_need
 from stackvision.cli import main
 from stackvision.errors import StackvisionError
-from stackvision.readout import expand_named
+from stackvision.readout import expand_named, stack_label
 
 
 def _paths(folder) -> list[str]:
@@ -37,6 +37,10 @@ def lite0_larger(monkeypatch):
 def test_the_default_stack_has_a_larger_input_twin():
     assert best_pipeline.LARGER_INPUTS[DEFAULT_STACK] == FINE_GRAINED_LARGE
     assert expand_named(["fine-grained-large"]) == list(FINE_GRAINED_LARGE)
+    # the steps table names them so
+    assert stack_label(FINE_GRAINED_LARGE) == "fine-grained-large"
+    assert stack_label(DEFAULT_STACK) == "fine-grained"
+    assert stack_label(["lite0", "lite1@288"]) == "lite0+lite1@288"
     sizes = lambda names: [int(n.split("@")[1].split("+")[0]) for n in names]  # noqa: E731
     assert all(b > a for a, b in zip(sizes(DEFAULT_STACK), sizes(FINE_GRAINED_LARGE)))
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from .backbones import DEFAULT_STACK, FINE_GRAINED_LARGE
 from .metrics import classification_metrics, summary_row
+from .readout import stack_label
 
 #: the fine-tuning recipe of the members (see docs/finetune.md and BENCHMARKS.md)
 FT_RECIPE = {
@@ -172,7 +173,7 @@ def fit_best(
     stack = StackedClassifier(**stack_params, weights=weights, seed=seed, runtime=runtime)
     stack.fit(paths, labels)
     t_stack = time.monotonic() - t0
-    steps.append(Step(f"stack {'+'.join(s.name for s in stack.specs_)}", t_stack,
+    steps.append(Step(f"stack {stack_label(s.name for s in stack.specs_)}", t_stack,
                       "all (CV)", stack.metrics_, f"{stack.folds}-fold out-of-fold"))  # fmt: skip
     opaths, oy, oproba = stack.eval_
     classes = list(stack.classes_)
@@ -192,7 +193,7 @@ def fit_best(
     # the combiners are fitted and scored k-fold on H: at least 2 images of every class there
     larger = LARGER_INPUTS.get(tuple(stack._backbone_names()))
     if counts.min() >= 2 and larger and stack.precision_ != "int8":
-        label = f"+ stack {'+'.join(larger)}"
+        label = f"+ stack {stack_label(larger)}"
         t0 = time.monotonic()
         large = StackedClassifier(**{**stack_params, "backbones": list(larger)},
                                   weights=weights, seed=seed, runtime=runtime)  # fmt: skip

@@ -139,6 +139,16 @@ def base_name(name: str) -> str:
     return re.split(r"[@+]", name, maxsplit=1)[0].strip()
 
 
+def stack_label(names) -> str:
+    """A short label for a list of backbone names: the named stack it is, else the names
+    joined by ``+`` (``fine-grained``; ``lite0+lite1``)."""
+    names = list(names)
+    for label, members in NAMED_STACKS.items():
+        if names == list(members):
+            return label
+    return "+".join(names)
+
+
 def expand_named(names: list[str]) -> list[str]:
     """Backbone names with every named stack (``fine-grained``) replaced by its members."""
     out: list[str] = []
