@@ -100,3 +100,14 @@ def test_best_skips_the_larger_stack_without_time(flowers_small, cache_dir, tmp_
     large = next(s for s in steps if s["step"] == "+ stack lite0@288")
     assert large["note"].startswith("skipped") and "accuracy" not in large
     assert json.loads((out / "manifest.json").read_text())["kind"] == "stack"
+
+
+def test_best_says_why_an_int8_stack_gets_no_larger_twin(
+    flowers_small, cache_dir, tmp_path, lite0_larger
+):
+    out = tmp_path / "best-int8"
+    assert _train(flowers_small, out, cache_dir, "--time-limit", "10m", "--precision", "int8") == 0
+    steps = json.loads((out / "steps.json").read_text())["steps"]
+    large = next(s for s in steps if s["step"] == "+ stack lite0@288")
+    assert "skipped: int8" in large["note"]
+    assert json.loads((out / "manifest.json").read_text())["precision"] == "int8"

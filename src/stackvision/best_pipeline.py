@@ -192,7 +192,10 @@ def fit_best(
     counts = np.bincount(h_y, minlength=len(classes))
     # the combiners are fitted and scored k-fold on H: at least 2 images of every class there
     larger = LARGER_INPUTS.get(tuple(stack._backbone_names()))
-    if counts.min() >= 2 and larger and stack.precision_ != "int8":
+    if counts.min() >= 2 and larger and stack.precision_ == "int8":  # the probe needs fp32/bf16
+        steps.append(Step(f"+ stack {stack_label(larger)}", 0.0, "-", None,
+                          "skipped: int8 (its cost probe would calibrate on a few images)"))  # fmt: skip
+    elif counts.min() >= 2 and larger:
         label = f"+ stack {stack_label(larger)}"
         t0 = time.monotonic()
         large = StackedClassifier(**{**stack_params, "backbones": list(larger)},
