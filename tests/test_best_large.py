@@ -75,7 +75,11 @@ def test_best_adds_the_larger_input_stack_on_h(
     large, h = by_name["+ stack lite0@288"], by_name["stack, on H"]
     assert large["scored on"] == h["scored on"] == "H" and large["n_images"] == h["n_images"]
     assert "out-of-fold" in large["note"] and "gain_log_loss" in large
-    assert any(s["step"].startswith("+ ensemble best") for s in steps)  # over both stacks
+    # the two stacks combined on their out-of-fold rows outside H (24 of 30), scored on H
+    pair = next(s for s in steps if s["step"].startswith("+ both stacks, best"))
+    assert pair["scored on"] == "H" and pair["n_images"] == h["n_images"]
+    assert "24 images outside H" in pair["note"]
+    assert not any(s["step"].startswith("+ ensemble best") for s in steps)  # no fine-tuned member
     manifest = json.loads((out / "manifest.json").read_text())
     if manifest["kind"] == "ensemble":
         assert [m["name"] for m in manifest["members"]] == ["stack", "stack-large"]
@@ -83,7 +87,7 @@ def test_best_adds_the_larger_input_stack_on_h(
     else:  # the selection kept one stack alone: which one, the protocol says
         assert manifest["kind"] == "stack"
         protocol = json.loads((out / "metrics.json").read_text())["protocol"]
-        assert "chose stack alone" in protocol or "chose stack-large alone" in protocol
+        assert "The model is stack alone" in protocol or "is stack-large alone" in protocol
     model = load_model(str(out), cache_dir=cache_dir, device="cpu")
     proba = model.predict_proba(_paths(heldout))
     assert proba.shape == (12, 3)
@@ -111,3 +115,29 @@ def test_best_says_why_an_int8_stack_gets_no_larger_twin(
     large = next(s for s in steps if s["step"] == "+ stack lite0@288")
     assert "skipped: int8" in large["note"]
     assert json.loads((out / "manifest.json").read_text())["precision"] == "int8"
+
+
+def test_best_saves_both_stacks_when_their_combination_wins(
+    flowers_small, heldout, cache_dir, tmp_path, lite0_larger, monkeypatch
+):
+    from stackvision import ensemble_combiners
+    from stackvision.ensemble_combiners import Selection
+
+    # which combiner wins on 30 images is chance: make the selection take the mean
+    monkeypatch.setattr(ensemble_combiners, "fit_best",
+                        lambda P, y, n, seed=0, names=None, folds=3: Selection("mean", "mean", None))  # fmt: skip
+    out = tmp_path / "best-pair"
+    assert _train(flowers_small, out, cache_dir, "--time-limit", "10m", "-q") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "ensemble"
+    assert [(m["name"], m["kind"]) for m in manifest["members"]] == [
+        ("stack", "stack"), ("stack-large", "stack")
+    ]  # fmt: skip
+    assert "both stacks (mean)" in json.loads((out / "metrics.json").read_text())["protocol"]
+    model = load_model(str(out), cache_dir=cache_dir, device="cpu")
+    paths = _paths(heldout)
+    each = [m.predict_proba(paths) for m in model.members_]
+    np.testing.assert_allclose(model.predict_proba(paths), np.mean(each, axis=0), atol=1e-6)
+    onnx = tmp_path / "pair.onnx"
+    assert main(["export", str(out), "--format", "onnx", "--out", str(onnx)]) == 0
+    assert onnx.stat().st_size > 1_000_000

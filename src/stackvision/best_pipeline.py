@@ -130,13 +130,31 @@ def _large_stack_need(large, paths: list[str], fit_seconds: float) -> tuple[floa
     return 1.1 * left * per_image + 1.2 * fit_seconds, time.monotonic() - t0
 
 
-def _h_rows(model, h_paths: list[str]) -> np.ndarray | None:
-    """A stack's out-of-fold probabilities on the rows of H, or None if it lacks one of them."""
+def _oof_rows(model, paths: list[str]) -> np.ndarray | None:
+    """A stack's out-of-fold probabilities on ``paths``, or None if it lacks one of them."""
     opaths, _, oproba = model.eval_
     where = {p: i for i, p in enumerate(opaths)}
-    if any(p not in where for p in h_paths):
+    if any(p not in where for p in paths):
         return None
-    return oproba[[where[p] for p in h_paths]]
+    return oproba[[where[p] for p in paths]]
+
+
+def _stack_pair(members, P_all, oy, opaths, hold, seed, runtime):
+    """The two stacks' ``best`` ensemble, chosen and fitted on the out-of-fold rows outside H
+    (four times H's rows: a steadier choice than H alone), and its probabilities on H."""
+    from .duplicates import content_groups
+    from .ensemble import EnsembleClassifier
+    from .ensemble_combiners import fit_combiners
+    from .ensemble_methods import apply_method
+
+    rest = np.setdiff1d(np.arange(len(opaths)), hold)
+    pair = EnsembleClassifier(members, method="best", folds=5, seed=seed, runtime=runtime)
+    pair._validate_params()
+    pair._load_members()
+    pair.member_names_ = ["stack", "stack-large"]
+    r_paths = [opaths[i] for i in rest]
+    fit_combiners(pair, r_paths, P_all[:, rest], oy[rest], content_groups(r_paths))
+    return pair, apply_method(pair.method_, P_all[:, hold], pair.fitted_.get(pair.method_))
 
 
 def fit_best(
@@ -189,6 +207,7 @@ def fit_best(
     steps.append(Step("stack, on H", 0.0, on_h, classification_metrics(h_y, oproba[hold], classes),
                       "out-of-fold rows of H"))  # fmt: skip
     members, P, names = [stack], [oproba[hold]], ["stack"]
+    p_all = None  # the larger-input stack's out-of-fold probabilities, rows as opaths
     counts = np.bincount(h_y, minlength=len(classes))
     # the combiners are fitted and scored k-fold on H: at least 2 images of every class there
     larger = LARGER_INPUTS.get(tuple(stack._backbone_names()))
@@ -211,7 +230,8 @@ def fit_best(
         else:
             say(f"training the stack at larger inputs ({', '.join(larger)}) ...")
             large.fit(paths, labels)
-            p_h = _h_rows(large, h_paths)
+            p_all = _oof_rows(large, opaths)
+            p_h = None if p_all is None else p_all[hold]
             if p_h is None:
                 steps.append(Step(label, time.monotonic() - t0, "-", None,
                                   "left out: could not read every hold-out image"))  # fmt: skip
@@ -278,11 +298,28 @@ def fit_best(
         )
         return BestResult(stack, steps, text)
 
-    # 3. the ensemble, chosen and scored out-of-fold on H
     from .ensemble import EnsembleClassifier
     from .ensemble_combiners import fit_combiners
     from .ensemble_methods import as_array
 
+    # 3a. the two stacks combined on their out-of-fold rows outside H, scored on H
+    pair = None
+    if p_all is not None and names[:2] == ["stack", "stack-large"]:
+        t0 = time.monotonic()
+        P_all = as_array([oproba, p_all])
+        pair, p_pair = _stack_pair(members[:2], P_all, oy, opaths, hold, seed, runtime)
+        pick = pair.selection_.name
+        m_pair = classification_metrics(h_y, p_pair, classes)
+        steps.append(Step(f"+ both stacks, best ({pick})", time.monotonic() - t0, on_h, m_pair,
+                          f"chosen out-of-fold on the {len(opaths) - len(hold)} images outside H"))  # fmt: skip
+        protocol += (
+            " The two stacks' combination was chosen and fitted on their out-of-fold rows "
+            "outside H, and scored on H."
+        )
+        if len(members) == 2:  # no fine-tuned member: the pair is the model
+            return _pair_result(pair, members, steps, protocol)
+
+    # 3b. the ensemble of every member, chosen and scored out-of-fold on H
     t0 = time.monotonic()
     ens = EnsembleClassifier(members, method="best", folds=5, seed=seed, runtime=runtime)
     ens._validate_params()
@@ -294,8 +331,23 @@ def fit_best(
     chosen = ens.selection_.name
     steps.append(Step(f"+ ensemble best ({chosen})", time.monotonic() - t0, on_h, ens.metrics_,
                       f"{len(ens.metrics_.get('folds') or []) or 5}-fold out-of-fold on H"))  # fmt: skip
+    if pair is not None and m_pair["log_loss"] <= ens.metrics_["log_loss"]:
+        return _pair_result(pair, members, steps, protocol + " The stacks' combination scored "
+                            "better on H than the ensemble with the fine-tuned members.")  # fmt: skip
     if chosen.startswith("member:") and chosen[len("member:") :].startswith("stack"):
         alone = members[names.index(chosen[len("member:") :])]
         alone.metrics_["protocol"] = text = protocol + f" The ensemble chose {chosen[7:]} alone."
         return BestResult(alone, steps, text)
     return BestResult(ens, steps, protocol)
+
+
+def _pair_result(pair, members, steps, protocol: str) -> BestResult:
+    """The stacks' combination as the model: one stack where its selection chose one."""
+    pick = pair.selection_.name
+    if pick.startswith("member:"):
+        alone = members[pair.member_names_.index(pick[len("member:") :])]
+        alone.metrics_["protocol"] = text = protocol + f" The model is {pick[7:]} alone."
+        return BestResult(alone, steps, text)
+    pair.problems_, pair.manifest_ = list(members[0].problems_), None
+    pair.metrics_["protocol"] = text = protocol + f" The model is both stacks ({pick})."
+    return BestResult(pair, steps, text)
