@@ -86,7 +86,7 @@ def best_row(name, data, cache) -> dict:
     label = dict(zip(tep, tel))
     y = np.asarray([index[label[p]] for p in pred.paths])
     m = classification_metrics(y, pred.proba, res.model.classes_)
-    chosen = res.steps[-1].step if res.steps[-1].step.startswith("+ ensemble") else "-"
+    chosen = res.steps[-1].step if res.steps[-1].step.startswith(("+ both", "+ ens")) else "-"
     return {"data": name, "stack": f"--preset best, stacks only: {chosen}",
             "test images": len(y), "accuracy": f"{m['accuracy']:.4f}",
             "log loss": f"{m['log_loss']:.4f}", "fit s": f"{t_fit:.0f}"}  # fmt: skip

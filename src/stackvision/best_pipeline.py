@@ -12,6 +12,9 @@ Protocol (every score is on images that were not used to fit what is scored):
 3. The **ensemble** (``best``: each member alone, mean, weighted, calibrated; never below the best
    member) is chosen and scored out-of-fold on H, from the stack's out-of-fold probabilities on H
    and the members' predictions on H. The kept combiner is then refitted on all of H.
+   With the two stacks, their own ``best`` combination is first chosen and fitted on their
+   out-of-fold rows outside H (four times as many rows as H) and scored on H; it is the model
+   unless the ensemble with fine-tuned members scores a lower log loss on H.
 
 Budget: the stack runs first (it is what every preset makes); the larger-input stack starts only
 if its cost, measured on a sample of the images (:func:`_large_stack_need`), fits in what is left;
