@@ -24,15 +24,16 @@ from .errors import StackvisionError
 from .preprocess import Preprocess
 
 POOLS = ("avg", "max", "avgmax")
+# The named stacks are written once, in readout.NAMED_STACKS (``--backbones NAME``).
 #: the stack before issue 12: each backbone at its own size, average pooling (``classic``)
-CLASSIC_STACK = ("lite0", "lite1", "lite2")
+CLASSIC_STACK = readout.NAMED_STACKS["classic"]
 #: larger inputs, GeM pooling and mid-level stages (readout.py; ``fine-grained``)
-FINE_GRAINED = ("lite0@256+gem+mid2", "lite1@272+gem+mid2", "lite2@288+gem+mid2")
+FINE_GRAINED = readout.NAMED_STACKS["fine-grained"]
 #: the default: fine-grained gained on cub86, flowers5 and imagewoof over the classic stack for
 #: ~1.2x its FLOPs (BENCHMARKS.md, "features")
 DEFAULT_STACK = FINE_GRAINED
 #: the same readout at larger inputs (``fine-grained-large``): the second stack of --preset best
-FINE_GRAINED_LARGE = ("lite0@320+gem+mid2", "lite1@336+gem+mid2", "lite2@352+gem+mid2")
+FINE_GRAINED_LARGE = readout.NAMED_STACKS["fine-grained-large"]
 
 
 @dataclass(frozen=True)
