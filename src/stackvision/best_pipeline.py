@@ -142,22 +142,42 @@ def _oof_rows(model, paths: list[str]) -> np.ndarray | None:
     return oproba[[where[p] for p in paths]]
 
 
-def _stack_pair(members, P_all, oy, opaths, hold, seed, runtime):
-    """The two stacks' ``best`` ensemble, chosen and fitted on the out-of-fold rows outside H
-    (four times H's rows: a steadier choice than H alone), and its probabilities on H."""
+def _fit_ensemble(members, names, paths, P: np.ndarray, y: np.ndarray, seed, runtime):
+    """A ``best`` ensemble of the fitted ``members`` (named ``names``), chosen, scored
+    out-of-fold and fitted on the rows ``paths`` with the members' probabilities ``P``."""
     from .duplicates import content_groups
     from .ensemble import EnsembleClassifier
     from .ensemble_combiners import fit_combiners
+
+    ens = EnsembleClassifier(members, method="best", folds=5, seed=seed, runtime=runtime)
+    ens._validate_params()
+    ens._load_members()
+    ens.member_names_ = names
+    fit_combiners(ens, paths, P, y, content_groups(paths))
+    ens.problems_, ens.manifest_ = list(members[0].problems_), None
+    return ens
+
+
+def _stack_pair(members, P_all, oy, opaths, hold, seed, runtime):
+    """The two stacks' ``best`` ensemble, chosen and fitted on the out-of-fold rows outside H
+    (four times H's rows: a steadier choice than H alone), and its probabilities on H."""
     from .ensemble_methods import apply_method
 
     rest = np.setdiff1d(np.arange(len(opaths)), hold)
-    pair = EnsembleClassifier(members, method="best", folds=5, seed=seed, runtime=runtime)
-    pair._validate_params()
-    pair._load_members()
-    pair.member_names_ = ["stack", "stack-large"]
-    r_paths = [opaths[i] for i in rest]
-    fit_combiners(pair, r_paths, P_all[:, rest], oy[rest], content_groups(r_paths))
+    pair = _fit_ensemble(members, ["stack", "stack-large"], [opaths[i] for i in rest],
+                         P_all[:, rest], oy[rest], seed, runtime)  # fmt: skip
     return pair, apply_method(pair.method_, P_all[:, hold], pair.fitted_.get(pair.method_))
+
+
+def _result(ens, steps, protocol: str, alone: str, tail: str = "") -> BestResult:
+    """The model ``ens`` stands for: the stack its selection kept alone (``protocol`` + ``alone``
+    + its name), else the ensemble itself (``protocol`` + ``tail``)."""
+    pick = ens.selection_.name
+    name = pick[len("member:") :] if pick.startswith("member:") else ""
+    model = ens.members_[ens.member_names_.index(name)] if name.startswith("stack") else ens
+    text = protocol + (f"{alone} {name} alone." if model is not ens else tail)
+    model.metrics_["protocol"] = text
+    return BestResult(model, steps, text)
 
 
 def fit_best(
@@ -301,8 +321,6 @@ def fit_best(
         )
         return BestResult(stack, steps, text)
 
-    from .ensemble import EnsembleClassifier
-    from .ensemble_combiners import fit_combiners
     from .ensemble_methods import as_array
 
     # 3a. the two stacks combined on their out-of-fold rows outside H, scored on H
@@ -319,38 +337,20 @@ def fit_best(
             " The two stacks' combination was chosen and fitted on their out-of-fold rows "
             "outside H, and scored on H."
         )
+        both = f" The model is both stacks ({pick})."
         if len(members) == 2:  # no fine-tuned member: the pair is the model
-            return _pair_result(pair, members, steps, protocol)
+            return _result(pair, steps, protocol, " The model is", both)
 
     # 3b. the ensemble of every member, chosen and scored out-of-fold on H
     t0 = time.monotonic()
-    ens = EnsembleClassifier(members, method="best", folds=5, seed=seed, runtime=runtime)
-    ens._validate_params()
-    ens._load_members()
-    ens.member_names_ = names
-    fit_combiners(ens, h_paths, as_array(P), h_y, content_groups(h_paths))
-    ens.problems_, ens.manifest_ = list(stack.problems_), None
-    ens.metrics_["protocol"] = protocol
+    ens = _fit_ensemble(members, names, h_paths, as_array(P), h_y, seed, runtime)
     chosen = ens.selection_.name
     steps.append(Step(f"+ ensemble best ({chosen})", time.monotonic() - t0, on_h, ens.metrics_,
                       f"{len(ens.metrics_.get('folds') or []) or 5}-fold out-of-fold on H"))  # fmt: skip
     if pair is not None and m_pair["log_loss"] <= ens.metrics_["log_loss"]:
-        return _pair_result(pair, members, steps, protocol + " The stacks' combination scored "
-                            "better on H than the ensemble with the fine-tuned members.")  # fmt: skip
-    if chosen.startswith("member:") and chosen[len("member:") :].startswith("stack"):
-        alone = members[names.index(chosen[len("member:") :])]
-        alone.metrics_["protocol"] = text = protocol + f" The ensemble chose {chosen[7:]} alone."
-        return BestResult(alone, steps, text)
-    return BestResult(ens, steps, protocol)
-
-
-def _pair_result(pair, members, steps, protocol: str) -> BestResult:
-    """The stacks' combination as the model: one stack where its selection chose one."""
-    pick = pair.selection_.name
-    if pick.startswith("member:"):
-        alone = members[pair.member_names_.index(pick[len("member:") :])]
-        alone.metrics_["protocol"] = text = protocol + f" The model is {pick[7:]} alone."
-        return BestResult(alone, steps, text)
-    pair.problems_, pair.manifest_ = list(members[0].problems_), None
-    pair.metrics_["protocol"] = text = protocol + f" The model is both stacks ({pick})."
-    return BestResult(pair, steps, text)
+        protocol += (
+            " The stacks' combination scored better on H than the ensemble with the fine-tuned "
+            "members."
+        )
+        return _result(pair, steps, protocol, " The model is", both)
+    return _result(ens, steps, protocol, " The ensemble chose")

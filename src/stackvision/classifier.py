@@ -174,7 +174,7 @@ class StackedClassifier(ModelBase):
         calibration, so it is refused."""
         self._validate_params()
         if "specs_" not in self.__dict__:
-            if (self._runtime().precision or "fp32") == "int8":
+            if self.precision_ == "int8":
                 raise StackvisionError("int8 features need a fitted model's calibration",
                                        "fit the model first, or use fp32 or bf16")  # fmt: skip
             self.specs_ = self._specs()
