@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import subprocess
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -87,6 +88,25 @@ def write_results(path: str, text: str) -> None:
     with open(path, "w") as fh:
         fh.write(text)
     print(text)
+
+
+def cold_extract_seconds(paths, specs, views, engines: str) -> float:
+    """Seconds to extract ``paths`` through ``specs`` for ``views`` into a fresh feature cache
+    that links the warm engine folder ``engines`` (in-loop; the cache is removed after)."""
+    import shutil
+    import tempfile
+
+    from stackvision.cache import FeatureCache
+    from stackvision.extract import extract
+
+    d = tempfile.mkdtemp()
+    try:
+        os.symlink(os.path.abspath(engines), os.path.join(d, "engines"))
+        t0 = time.perf_counter()
+        extract(paths, specs, views=views, cache=FeatureCache(d))
+        return time.perf_counter() - t0
+    finally:
+        shutil.rmtree(d)
 
 
 def write_table(path: str, lines: list[str], rows: list[dict]) -> None:

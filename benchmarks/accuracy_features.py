@@ -81,11 +81,17 @@ def fit_and_score(model, data) -> tuple[dict, float, int]:
     t0 = time.perf_counter()
     model.fit(trp, trl)
     t_fit = time.perf_counter() - t0
-    pred = model.predict_paths(tep)
+    m, n_test = test_metrics(model, tep, tel)
+    return m, t_fit, n_test
+
+
+def test_metrics(model, paths, labels) -> tuple[dict, int]:
+    """A fitted ``model`` scored on ``paths`` with ``labels``: (metrics, images scored)."""
+    pred = model.predict_paths(paths)
     index = {c: i for i, c in enumerate(model.classes_)}
-    label = dict(zip(tep, tel))
+    label = dict(zip(paths, labels))
     y = np.asarray([index[label[p]] for p in pred.paths])
-    return classification_metrics(y, pred.proba, model.classes_), t_fit, len(y)
+    return classification_metrics(y, pred.proba, model.classes_), len(y)
 
 
 def score(row, data, cache):

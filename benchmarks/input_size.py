@@ -24,24 +24,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SHARED_DATA, cpu_flags, machine, md_table, today, write_table  # noqa: E402
-from accuracy_features import _gflops, datasets, fit_and_score  # noqa: E402
+from _common import (  # noqa: E402
+    SHARED_DATA,
+    cold_extract_seconds,
+    cpu_flags,
+    machine,
+    md_table,
+    today,
+    write_table,
+)
+from accuracy_features import _gflops, datasets, fit_and_score, test_metrics  # noqa: E402
 from stackvision import Runtime, StackedClassifier  # noqa: E402
 from stackvision.backbones import DEFAULT_STACK, resolve  # noqa: E402
 from stackvision.best_pipeline import fit_best  # noqa: E402
-from stackvision.cache import FeatureCache  # noqa: E402
 from stackvision.data import from_folder  # noqa: E402
-from stackvision.extract import extract  # noqa: E402
-from stackvision.metrics import classification_metrics  # noqa: E402
 from stackvision.readout import expand_named  # noqa: E402
 
 STACKS = {
@@ -63,13 +64,8 @@ def cost(n, engines, stacks, rounds=2):
     out = {label: [] for label in stacks}
     for _ in range(rounds):
         for label, spec in stacks.items():
-            d = tempfile.mkdtemp()
-            os.symlink(os.path.abspath(engines), os.path.join(d, "engines"))
-            t0 = time.perf_counter()
-            extract(paths, [resolve(s) for s in names(spec)], views=("orig", "flip"),
-                    cache=FeatureCache(d))  # fmt: skip
-            out[label].append(time.perf_counter() - t0)
-            shutil.rmtree(d)
+            specs = [resolve(s) for s in names(spec)]
+            out[label].append(cold_extract_seconds(paths, specs, ("orig", "flip"), engines))
     return out
 
 
@@ -81,14 +77,10 @@ def best_row(name, data, cache) -> dict:
                    time_limit=3 * 3600, runtime=Runtime(cache_dir=cache), say=lambda m: None,
                    ft_members=())  # fmt: skip
     t_fit = time.perf_counter() - t0
-    pred = res.model.predict_paths(list(tep))
-    index = {c: i for i, c in enumerate(res.model.classes_)}
-    label = dict(zip(tep, tel))
-    y = np.asarray([index[label[p]] for p in pred.paths])
-    m = classification_metrics(y, pred.proba, res.model.classes_)
+    m, n_test = test_metrics(res.model, list(tep), tel)
     chosen = res.steps[-1].step if res.steps[-1].step.startswith(("+ both", "+ ens")) else "-"
     return {"data": name, "stack": f"--preset best, stacks only: {chosen}",
-            "test images": len(y), "accuracy": f"{m['accuracy']:.4f}",
+            "test images": n_test, "accuracy": f"{m['accuracy']:.4f}",
             "log loss": f"{m['log_loss']:.4f}", "fit s": f"{t_fit:.0f}"}  # fmt: skip
 
 

@@ -19,20 +19,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SHARED_DATA, cpu_flags, machine, today, write_table  # noqa: E402
+from _common import SHARED_DATA, cold_extract_seconds, cpu_flags, machine, today, write_table  # noqa: E402
 from accuracy_features import datasets, fit_and_score  # noqa: E402
 from stackvision import Runtime, StackedClassifier  # noqa: E402
 from stackvision.backbones import DEFAULT_STACK, resolve  # noqa: E402
-from stackvision.cache import FeatureCache  # noqa: E402
 from stackvision.data import from_folder  # noqa: E402
-from stackvision.extract import extract  # noqa: E402
 from stackvision.train_views import view_names  # noqa: E402
 
 
@@ -51,12 +46,7 @@ def cost(n, engines, rounds=2):
     out = {"orig+flip": [], "rrc35.1+rrc35.2": []}
     for _ in range(rounds):
         for name, views in (("orig+flip", ("orig", "flip")), ("rrc35.1+rrc35.2", view_names(2))):
-            d = tempfile.mkdtemp()
-            os.symlink(os.path.abspath(engines), os.path.join(d, "engines"))
-            t0 = time.perf_counter()
-            extract(paths, specs, views=views, cache=FeatureCache(d))
-            out[name].append(time.perf_counter() - t0)
-            shutil.rmtree(d)
+            out[name].append(cold_extract_seconds(paths, specs, views, engines))
     return out
 
 
