@@ -199,3 +199,49 @@ def test_bad_names_and_combinations(spec, cache_dir):
         create_engine(spec, engine="auto", precision="int8", cache_dir=cache_dir)
     assert numbers_id("torch", "fp32") == numbers_id("auto", "fp32") == "fp32"
     assert numbers_id("auto", "int8") == "int8"
+
+
+def _no_ci_env(home: Path) -> dict:
+    """The environment of a user's shell: OpenVINO's telemetry is off in CI, so the CI variables
+    go (else this test could not fail there); HOME is a fresh folder to look into afterwards."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    env.pop("STACKVISION_OPENVINO_TELEMETRY", None)
+    env["HOME"] = str(home)
+    return env
+
+
+@needs_ov
+def test_openvino_runs_without_its_usage_telemetry(spec, cache_dir, tmp_path):
+    """`import openvino` sends a usage event and writes ~/intel/stats unless opted out; a
+    stackvision process runs OpenVINO with none of it (engines/no_telemetry.py)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, f in enumerate(_files(2, 3)):
+        load_rgb(f, 256).save(folder / f"{i}.jpg")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _no_ci_env(home)
+    # The way a user runs it: the CLI, the OpenVINO engine, images not in the cache.
+    cli = [sys.executable, "-m", "stackvision.cli", "extract", str(folder), "--backbones",
+           "lite0", "--tta", "none", "--engine", "openvino", "--cache", cache_dir, "-q"]  # fmt: skip
+    r = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not (home / "intel").exists(), sorted(os.listdir(home / "intel"))
+    # And in-process: OpenVINO really ran, its telemetry never loaded, and it stays importable.
+    code = (
+        "import sys, numpy as np\n"
+        "from stackvision.backbones import resolve\n"
+        "from stackvision.engines import create_engine\n"
+        f"e = create_engine(resolve('lite0'), engine='openvino', cache_dir={cache_dir!r})\n"
+        "assert e.features(np.zeros((1, 224, 224, 3), np.uint8)).shape == (1, 1280)\n"
+        "assert 'openvino' in sys.modules and 'openvino_telemetry.main' not in sys.modules\n"
+        "import openvino_telemetry\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert not (home / "intel").exists(), sorted(os.listdir(home / "intel"))

@@ -305,8 +305,9 @@ def quantize_nncf(
 
     # nncf imports torch's cpp_extension, which warns about CUDA on CPU-only machines.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    import nncf
-    import openvino as ov
+    from .no_telemetry import import_nncf, import_openvino
+
+    nncf, ov = import_nncf(), import_openvino()
 
     nncf.set_log_level(logging.ERROR)
     model = ov.Core().read_model(onnx_path)

@@ -93,8 +93,9 @@ def compile_cached(path: str, config: dict):
     moved into place, and its name covers the model file, the config, the OpenVINO version and the
     processor (a cache directory may be shared between machines). An unreadable blob is rebuilt.
     """
-    import openvino as ov
+    from .no_telemetry import import_openvino
 
+    ov = import_openvino()
     core = ov.Core()
     sig = json.dumps(
         [os.path.basename(path), sorted(config.items()), ov.__version__, _cpu_signature()],
