@@ -184,3 +184,25 @@ def test_ray_is_optional(monkeypatch):
         extract_features(["x.jpg"], [], runner="ray")
     with pytest.raises(StackvisionError, match="unknown runner"):
         extract_features(["x.jpg"], [], runner="spark")
+
+
+def test_the_local_cluster_starts_without_usage_stats(monkeypatch):
+    """Ray reports usage statistics from a cluster it starts unless RAY_USAGE_STATS_ENABLED=0;
+    the local cluster the runner starts has them off, and a user's own setting wins."""
+    ray = pytest.importorskip("ray", reason="ray is not installed")
+    pytest.importorskip("ray.data", reason="ray[data] is not installed")
+    from stackvision.runners.ray_runner import connect
+
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: seen.append((a, k, dict(os.environ))))
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+    connect(num_cpus=1)
+    assert seen[-1][2]["RAY_USAGE_STATS_ENABLED"] == "0" and seen[-1][1]["num_cpus"] == 1
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    connect(num_cpus=1)
+    assert seen[-1][2]["RAY_USAGE_STATS_ENABLED"] == "1"
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED")
+    connect("host:6379")  # someone else's cluster: its own settings
+    assert seen[-1][1]["address"] == "host:6379"
+    assert "RAY_USAGE_STATS_ENABLED" not in seen[-1][2]

@@ -64,6 +64,9 @@ def connect(ray_address: str | None = None, num_cpus: int | None = None):
         if ray_address:
             ray.init(address=ray_address, **kwargs)
         else:
+            # Ray reports usage statistics from the clusters it starts unless told not to; the
+            # local cluster is ours, so it is told (a user's own RAY_USAGE_STATS_ENABLED wins).
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             ray.init(num_cpus=num_cpus, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise StackvisionError(
