@@ -4,6 +4,7 @@ images (3 classes x 10): what each preset makes, the time budget, and user error
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -53,6 +54,9 @@ def test_best_without_time_for_fine_tuning_is_the_stack(flowers_small, cache_dir
     assert _train(flowers_small, out, cache_dir, *args) == 0
     printed = capsys.readouterr().out
     assert "what each step bought" in printed and "No score was computed on images" in printed
+    # seconds with one decimal, metrics with four
+    stack_row = next(line for line in printed.splitlines() if line.startswith("stack lite0 "))
+    assert re.match(r"stack lite0 +\d+\.\d +all \(CV\) +\d+ +0\.\d{4} +\d\.\d{4}", stack_row)
     assert json.loads((out / "manifest.json").read_text())["kind"] == "stack"
     steps = json.loads((out / "steps.json").read_text())
     assert [s["step"] for s in steps["steps"]][:2] == ["stack lite0", "stack, on H"]

@@ -5,15 +5,16 @@ from __future__ import annotations
 import sys
 
 
-def table(rows: list[dict], cols: list[str]) -> str:
-    """A plain text table; numeric columns right-aligned, floats with 4 decimals."""
+def table(rows: list[dict], cols: list[str], decimals: dict[str, int] | None = None) -> str:
+    """A plain text table; numeric columns right-aligned, floats with 4 decimals (or
+    ``decimals[column]``)."""
 
-    def fmt(v):
+    def fmt(v, col):
         if isinstance(v, float):
-            return f"{v:.4f}"
+            return f"{v:.{(decimals or {}).get(col, 4)}f}"
         return "" if v is None else str(v)
 
-    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    cells = [[fmt(r.get(c), c) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
     sep = "  ".join("-" * w for w in widths)

@@ -55,7 +55,7 @@ def run_best(args, started: float) -> int:
     model = result.model
     rows = steps_table([s.row() for s in result.steps])
     cols = [c for c in STEP_COLS if any(c in r for r in rows)]
-    text = table(rows, cols)
+    text = table(rows, cols, decimals={"seconds": 1})
     model.problems_ = data.problems + list(model.problems_)
     model.report_sections = [
         Section(
