@@ -138,6 +138,12 @@ def test_predict_json_base64(server, expected):
         check_answer(pred, proba[5], classes)
     r = httpx.post(server.url + "/predict", json={"images": ["%%%"]}, headers=AUTH)
     assert r.status_code == 400 and "not valid base64" in r.json()["error"]
+    # top_k in the body: a positive integer; JSON's true (a Python int) or 0 is a 400
+    r = httpx.post(server.url + "/predict", json={**body, "top_k": 2}, headers=AUTH, timeout=120)
+    assert r.status_code == 200 and len(r.json()["predictions"][0]["top"]) == 2, r.text
+    for bad in (True, 0, 1.5, "3"):
+        r = httpx.post(server.url + "/predict", json={**body, "top_k": bad}, headers=AUTH)
+        assert r.status_code == 400 and "top_k must be a positive integer" in r.json()["error"]
 
 
 def test_corrupt_and_non_images_get_400_and_server_keeps_serving(server, first_image):

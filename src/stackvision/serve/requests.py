@@ -205,7 +205,8 @@ async def images_from_json(request, limits: Limits) -> tuple[list[tuple[str, byt
         raise too_many(len(body["images"]), limits)
     images = [_decode_base64(i, item, limits) for i, item in enumerate(body["images"])]
     top_k = body.get("top_k")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    # bool is an int in Python; JSON's true is not a count
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ApiError(400, f"top_k must be a positive integer, got {top_k!r}", "e.g. 5")
     return images, top_k
 
