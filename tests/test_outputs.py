@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from stackvision.cli import main
+from stackvision.errors import StackvisionError
 from stackvision.models import load_model
 
 from .cli_helpers import one_line_error, train
@@ -61,6 +62,36 @@ def test_out_on_root_home_or_the_cache_is_refused(woof_train, cache_dir, tmp_pat
     one_line_error(capsys, "home folder")
     assert train(woof_train, os.path.join(cache_dir, "m"), cache_dir) == 2
     one_line_error(capsys, "feature cache")
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(
+    woof_train, woof_val, model, tmp_path, capsys
+):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    fresh_cache = tmp_path / "cache"
+    cases = [(a_file / "model", "is a file, not a folder")]
+    if os.path.isdir("/proc/self"):  # a folder nobody can create entries in, root included
+        cases.append(("/proc/stackvision-test/model", "cannot be written"))
+    if os.geteuid() != 0:  # permissions bind only other users
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((locked / "model", "Permission denied"))
+    for out, needle in cases:
+        assert train(woof_train, out, str(fresh_cache)) == 2
+        one_line_error(capsys, "cannot be written", needle)
+        assert not fresh_cache.exists()  # refused before a single image was read
+    # the other verbs that write an --out, and the library's own save
+    for argv in (
+        ["export", str(model), "--out", str(a_file / "m.onnx")],
+        ["predict", str(model), str(woof_val), "--out", str(a_file / "p.csv")],
+        ["evaluate", str(model), str(woof_val), "--out", str(a_file / "ev")],
+    ):
+        assert main(argv) == 2
+        one_line_error(capsys, "is a file, not a folder")
+    with pytest.raises(StackvisionError, match="is a file, not a folder"):
+        load_model(model).save(str(a_file / "m2"))
+    assert a_file.read_text() == "keep"
 
 
 def test_an_existing_model_is_replaced_only_with_overwrite(woof_train, cache_dir, tmp_path, capsys):

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from .errors import StackvisionError
+
 _umask_lock = threading.Lock()
 
 
@@ -52,6 +54,24 @@ def dir_mode() -> int:
 
 
 @contextlib.contextmanager
+def _writable(path: str) -> Iterator[None]:
+    """Where the output's folder cannot take a new entry (no permission, read-only file system,
+    not a folder), a user error naming ``path`` instead of a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        parent = os.path.dirname(os.path.abspath(path))
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):  # e.g. --out some.jpg/model
+            why = f"{parent} is a file, not a folder"
+        raise StackvisionError(
+            f"cannot write {path}: {why}", "choose a folder you can write to"
+        ) from None
+
+
+@contextlib.contextmanager
 def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
 
@@ -59,7 +79,8 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     exception the temporary file is removed and ``path`` is untouched.
     """
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=suffix, dir=d)
+    with _writable(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=suffix, dir=d)
     os.close(fd)
     try:
         yield tmp
@@ -98,8 +119,9 @@ def write_json(path: str, obj) -> None:
 def temp_dir_beside(path: str) -> str:
     """A new empty folder beside ``path`` (hidden, same filesystem) to build its successor in."""
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    with _writable(path):
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     os.chmod(tmp, dir_mode())  # mkdtemp made it 0700; it becomes the output itself
     return tmp
 

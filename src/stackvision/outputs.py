@@ -1,6 +1,7 @@
 """Where a command may write: never over anything stackvision did not write.
 
-Every ``--out`` is checked by :func:`check_out` before any work starts:
+Every ``--out`` is checked by :func:`check_out` before any work starts (including that its
+folder, or the nearest existing one above it, can take a new file):
 
 * a path that does not exist (or an empty folder, for folder outputs) is written;
 * an existing output of the same kind that stackvision wrote (a model directory whose manifest
@@ -19,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 
 from .errors import StackvisionError
 
@@ -132,11 +134,40 @@ def check_out(
     cache_dir: str | None = None,
     flag: str = "--out",
 ) -> str:
-    """Refuse an output path that would destroy something we did not write; returns it absolute.
+    """Refuse an output path that would destroy something we did not write, or that cannot be
+    written (found now, not after an hour of work); returns it absolute.
 
     ``inputs``: the paths the command reads (data folders, CSVs, images, model directories);
     ``cache_dir``: the feature cache in use. Raises :class:`StackvisionError` (exit 2 in the CLI).
     """
+    out = _check_out(path, kind, overwrite, inputs, cache_dir, flag)
+    _check_writable(out, flag)
+    return out
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """The output is written beside itself (:mod:`.atomic`): try to create a file in its folder,
+    or in the nearest folder above it that exists."""
+    parent = os.path.dirname(_real(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise _refuse(
+            f"{flag} {path} cannot be written: {parent} is a file, not a folder",
+            f"choose another {flag}",
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".stackvision-write-test-", dir=parent)
+    except OSError as exc:
+        raise _refuse(
+            f"{flag} {path} cannot be written: {exc.strerror or exc} (in {parent})",
+            "choose a folder you can write to",
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_out(path, kind, overwrite, inputs, cache_dir, flag) -> str:
     is_dir, words = KINDS[kind]
     if not path:
         raise _refuse(f"{flag} is empty", f"give {flag} a {'folder' if is_dir else 'file'} name")
