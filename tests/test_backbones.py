@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import timm
@@ -84,6 +86,31 @@ def test_timm_model_from_a_local_checkpoint(tmp_path):
     with torch.no_grad():
         expect = ref.forward_head(ref.forward_features(x), pre_logits=True)
         assert torch.allclose(model(x), expect, atol=1e-5)
+
+
+def test_a_checkpoint_of_another_network_is_refused(tmp_path, caplog):
+    """timm loads non-strictly without a classifier and only logs what did not fit: a missing
+    weight stays random, an unexpected one belongs to another network. Both are user errors."""
+    state = timm.create_model("resnet10t", pretrained=False).state_dict()
+    cases = {
+        "missing": ({k: v for k, v in state.items() if k != "layer4.0.conv2.weight"},
+                    r"1 missing weight\(s\), e\.g\. layer4\.0\.conv2\.weight"),
+        "unexpected": ({**state, "layer5.0.conv1.weight": torch.zeros(3)},
+                       r"1 unexpected weight\(s\), e\.g\. layer5\.0\.conv1\.weight"),
+    }  # fmt: skip
+    for name, (ckpt, words) in cases.items():
+        path = tmp_path / f"{name}.pth"
+        torch.save(ckpt, path)
+        spec = resolve("timm:resnet10t", weights={"timm:resnet10t": str(path)})
+        with pytest.raises(StackvisionError, match=f"{path} .*not a resnet10t checkpoint: {words}"):
+            build_model(spec)
+    text = tmp_path / "notes.pth"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    spec = resolve("timm:resnet10t", weights={"timm:resnet10t": str(text)})
+    with pytest.raises(StackvisionError, match=f"could not load weights .* from {text}"):
+        build_model(spec)
+    # timm's logger is left as it was
+    assert logging.getLogger("timm.models._builder").propagate
 
 
 def test_offline_without_weights_says_how_to_supply_them(monkeypatch):

@@ -12,9 +12,11 @@ Every backbone is a timm model, so one framework builds, exports and serves them
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -318,12 +320,19 @@ def build_model(spec: BackboneSpec, pool: str = "avg"):
                 mapped[k] = v_s
             model.load_state_dict(mapped)
         elif spec.weights_path:
-            model = timm.create_model(
-                spec.architecture,
-                pretrained=True,
-                pretrained_cfg_overlay={"file": os.path.abspath(spec.weights_path)},
-                **kwargs,
-            )
+            with _key_mismatches() as mismatched:
+                model = timm.create_model(
+                    spec.architecture,
+                    pretrained=True,
+                    pretrained_cfg_overlay={"file": os.path.abspath(spec.weights_path)},
+                    **kwargs,
+                )
+            if mismatched:
+                raise StackvisionError(
+                    f"the checkpoint {spec.weights_path} given for backbone '{spec.name}' is not "
+                    f"a {spec.architecture} checkpoint: {'; '.join(mismatched)}",
+                    f"pass weights saved from timm.create_model('{spec.architecture}')",
+                )
         else:
             if not spec.offline_ready and not _hub_reachable():
                 raise StackvisionError(
@@ -335,12 +344,42 @@ def build_model(spec: BackboneSpec, pool: str = "avg"):
             model = timm.create_model(spec.architecture, pretrained=True, **kwargs)
     except StackvisionError:
         raise
-    except (RuntimeError, OSError, KeyError, ValueError) as exc:
+    except Exception as exc:  # a user's file: torch.load and timm raise many kinds
         raise StackvisionError(
-            f"could not load weights for backbone '{spec.name}' ({spec.architecture}): {exc}",
-            "check that the checkpoint was saved from this architecture",
+            f"could not load weights for backbone '{spec.name}' ({spec.architecture})"
+            + (f" from {spec.weights_path}" if spec.weights_path else "")
+            + f": {exc or type(exc).__name__}",
+            "check that the file is a PyTorch checkpoint saved from this architecture",
         ) from None
     return frozen(model if kwargs["global_pool"] else readout.wrap(model, ro))
+
+
+@contextlib.contextmanager
+def _key_mismatches():
+    """Collect what timm says it could not load. With ``num_classes=0`` it loads non-strictly and
+    only logs missing weights (left random) and unexpected ones (another architecture whose
+    shapes happened to fit): either means a wrong checkpoint, not a usable network."""
+    logger = logging.getLogger("timm.models._builder")
+    found: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage()
+            for what in ("Missing keys", "Unexpected keys"):
+                if msg.startswith(what):
+                    keys = msg[len(what) + 2 :].split(")")[0].split(", ")
+                    found.append(f"{len(keys)} {what.split()[0].lower()} weight(s), e.g. {keys[0]}")
+
+    handler, level, propagate = Collect(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # missing keys are logged at INFO
+    logger.propagate = False  # the error says it; no second, longer message
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def frozen(model):
