@@ -293,6 +293,26 @@ def test_cache_that_is_a_file_is_refused(woof_train, tmp_path, capsys):
     one_line_error(capsys, "--cache", "is a file")
 
 
+def test_a_cache_that_cannot_be_written_is_refused_before_any_work(
+    woof_train, model, tmp_path, capsys, monkeypatch
+):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    places = [str(a_file / "cache")]
+    if os.path.isdir("/proc/self"):
+        places.append("/proc/stackvision-test-cache")
+    for place in places:
+        for argv in (["extract", str(woof_train), "--cache", place, "-q"],
+                     ["predict", str(model), str(woof_train), "--cache", place, "-q"]):  # fmt: skip
+            assert main(argv) == 2
+            one_line_error(capsys, f"cannot write the feature cache {place}", "--cache")
+        # the default cache comes from $STACKVISION_CACHE (or the user's cache folder)
+        monkeypatch.setenv("STACKVISION_CACHE", place)
+        assert main(["extract", str(woof_train), "-q"]) == 2
+        one_line_error(capsys, "cannot write the feature cache", "$STACKVISION_CACHE")
+    assert a_file.read_text() == "keep"
+
+
 # ---------------------------------------------------------------------- odd input files
 def test_device_and_fifo_named_like_images_are_listed_not_read(
     model, woof_val, cache_dir, tmp_path

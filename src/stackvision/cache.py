@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -127,10 +128,30 @@ class FeatureCache:
         self.root = os.path.join(self.base, CACHE_FORMAT)
         self._stores: dict[str, FeatureStore] = {}
 
+    def check_writable(self) -> None:
+        """Create the cache folder if needed and write a probe file there, so that an unwritable
+        cache (a read-only home folder, a typo under /) is found before any work."""
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=self.root)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise self._unwritable(exc) from None
+
+    def _unwritable(self, exc: OSError) -> StackvisionError:
+        return StackvisionError(
+            f"cannot write the feature cache {self.base}: {exc.strerror or exc}",
+            "give --cache (or $STACKVISION_CACHE) a folder you can write to",
+        )
+
     def store(self, fields: dict, dim: int) -> FeatureStore:
         key = store_key(fields)
         if key not in self._stores:
-            os.makedirs(self.root, exist_ok=True)
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise self._unwritable(exc) from None
             meta = os.path.join(self.root, key + ".json")
             if not os.path.exists(meta):
                 with atomic_open(meta, "w") as fh:

@@ -54,6 +54,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise StackvisionError(
             f"--cache {cache} is a file, not a folder", "give --cache a folder (it is created)"
         )
+    if hasattr(args, "batch_size"):  # a verb that reads or fills the feature cache
+        from ..cache import FeatureCache
+
+        FeatureCache(cache).check_writable()
 
 
 @contextlib.contextmanager
