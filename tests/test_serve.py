@@ -283,3 +283,51 @@ def test_serve_user_errors(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--api-key-file", str(tmp_path / "nokey")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --api-key-file") and "not found" in err
+
+
+def test_an_address_that_cannot_be_served_is_a_one_line_error(model_dir, capsys):
+    """The socket is bound before the model loads: a wrong host or a port in use is an error at
+    once, with the address and what to do, not uvicorn's log line and exit 3."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(model_dir), "--port", str(port), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}: ") and "--port" in err
+    assert main(["serve", str(model_dir), "--host", "999.1.1.1", "--api-key", KEY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot listen on 999.1.1.1:8000") and "--host" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_port_0_serves_on_the_port_the_system_chose(model_dir, tmp_path):
+    import re
+    import subprocess
+    import sys
+    import time
+
+    from .serving_helpers import child_env
+
+    cmd = [sys.executable, "-m", "stackvision.cli", "serve", str(model_dir), "--port", "0",
+           "--device", "cpu", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        line = proc.stderr.readline()  # the banner, printed once the model is loaded
+        m = re.match(r"serving .* on http://127\.0\.0\.1:(\d+)/ ", line)
+        assert m and int(m.group(1)) > 0, line
+        url = f"http://127.0.0.1:{m.group(1)}/health"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                r = httpx.get(url, timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None, line
+                time.sleep(0.2)
+        assert r.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)

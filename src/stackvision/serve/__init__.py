@@ -17,14 +17,16 @@ queued, waits at most ``max_wait_ms`` for more, up to ``max_batch`` images, and 
 forward pass for all of them in the inference thread; concurrent requests therefore share backbone
 passes instead of each paying for its own.
 
-Modules: :mod:`.app` (the app, routes, request ids and error accounting, :func:`serve`),
+Modules: :mod:`.app` (the app, routes, request ids and error accounting), :mod:`.run`
+(:func:`serve`: bind, load, run uvicorn),
 :mod:`.batching` (:class:`Batcher`), :mod:`.requests` (body formats, limits, image preparation),
 :mod:`.auth` (the API key).
 """
 
-from .app import create_app, serve
+from .app import create_app
 from .auth import API_KEY_ENV, LOOPBACK
 from .batching import Batcher
 from .requests import ApiError, Limits
+from .run import serve
 
 __all__ = ["API_KEY_ENV", "LOOPBACK", "ApiError", "Batcher", "Limits", "create_app", "serve"]

@@ -28,7 +28,7 @@ import numpy as np
 from .. import __version__
 from ..errors import StackvisionError
 from ..export import input_contract
-from ..threads import blas_threads, limit_blas_threads
+from ..threads import blas_threads
 from .auth import key_dependency, redact_logs
 from .batching import Batcher
 from .requests import PREDICT_BODY, ApiError, BodyLimit, Limits, prepare, read_images
@@ -384,57 +384,3 @@ def create_app(
     _add_routes(app, key_dependency(api_key))
     redact_logs(api_key)  # also when the caller runs uvicorn itself; serve() redoes it after
     return app
-
-
-def _log_to_stderr(level: str) -> None:
-    """uvicorn configures only its own loggers; the service's log lines go to stderr alike."""
-    from uvicorn.config import LOG_LEVELS
-    from uvicorn.logging import DefaultFormatter
-
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(LOG_LEVELS.get(level, logging.INFO))
-    log.propagate = False  # the handler above prints it; a root handler would print it twice
-
-
-def serve(
-    model_path: str,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    limits: Limits | None = None,
-    max_batch: int = 32,
-    max_wait_ms: float = 5.0,
-    log_level: str = "info",
-    **runtime,
-) -> None:
-    """Load the model at ``model_path`` and serve it until interrupted."""
-    import uvicorn
-
-    from ..models import load_model
-
-    limit_blas_threads(1)  # the engines use the cores; see stackvision.threads
-    model = load_model(model_path, **runtime)
-    app = create_app(
-        model,
-        limits=limits,
-        api_key=api_key,
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-        model_path=model_path,
-    )
-    _log_to_stderr(log_level)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
-    )  # configures uvicorn's loggers: the key filter goes on after
-    redact_logs(api_key)
-    server = uvicorn.Server(config)
-    server.run()
-    if not server.started:  # uvicorn has logged why (a port in use, say)
-        raise StackvisionError(
-            f"the server could not start on {host}:{port}",
-            "see the message above (is the port in use? try another --port)",
-        )

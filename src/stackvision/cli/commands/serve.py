@@ -66,16 +66,20 @@ def run(args) -> int:
         max_pixels=args.max_pixels,
         max_images=args.max_images,
     )
-    print(
-        f"serving {args.model} on http://{args.host}:{args.port}/ (API docs: /docs"
-        f"{', API key required' if api_key else ''})",
-        file=sys.stderr,
-        flush=True,
-    )
+
+    def banner(host: str, port: int) -> None:
+        print(
+            f"serving {args.model} on http://{host}:{port}/ (API docs: /docs"
+            f"{', API key required' if api_key else ''})",
+            file=sys.stderr,
+            flush=True,
+        )
+
     serve(
         args.model,
         host=args.host,
         port=args.port,
+        on_listen=banner,
         api_key=api_key,
         limits=limits,
         max_batch=args.max_batch,
