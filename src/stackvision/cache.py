@@ -129,11 +129,16 @@ class FeatureCache:
         self._stores: dict[str, FeatureStore] = {}
 
     def check_writable(self) -> None:
-        """Create the cache folder if needed and write a probe file there, so that an unwritable
-        cache (a read-only home folder, a typo under /) is found before any work."""
+        """Write a probe file in the cache folder, or in the nearest existing folder above it (it
+        is created when first needed, not here), so that an unwritable cache (a read-only home
+        folder, a typo under /) is found before any work."""
+        where = self.root
+        while not os.path.exists(where):
+            where = os.path.dirname(where)
         try:
-            os.makedirs(self.root, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=self.root)
+            if not os.path.isdir(where):
+                raise NotADirectoryError(20, f"{where} is a file, not a folder")
+            fd, probe = tempfile.mkstemp(prefix=".stackvision-write-test-", dir=where)
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
