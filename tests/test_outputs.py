@@ -284,6 +284,10 @@ def test_estimator_arguments_are_refused_before_any_work(woof_train, tmp_path, c
     assert main(["train", str(woof_train), "--out", str(out), "--folds", "-1", "-q"]) == 2
     one_line_error(capsys, "--folds")
     assert not out.exists()
+    for verb in (["train", str(woof_train), "--out", str(out)], ["extract", str(woof_train)]):
+        assert main([*verb, "--backbones", " , ", "-q"]) == 2  # not the default stack
+        one_line_error(capsys, "--backbones ' , ' names no backbone")
+    assert not out.exists()
 
 
 def test_cache_that_is_a_file_is_refused(woof_train, tmp_path, capsys):

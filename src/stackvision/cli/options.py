@@ -99,7 +99,12 @@ def parse_value(v: str):
 def backbone_list(text: str) -> list[str]:
     from ..readout import expand_named  # --backbones fine-grained
 
-    return expand_named([b.strip() for b in text.split(",") if b.strip()])
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    if not names:
+        raise StackvisionError(
+            f"--backbones {text!r} names no backbone", "run 'stackvision backbones' to list names"
+        )
+    return expand_named(names)
 
 
 def add_numbers(p: argparse.ArgumentParser, rows) -> None:

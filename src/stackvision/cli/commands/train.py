@@ -250,7 +250,7 @@ def _apply_preset(args) -> None:
             "drop --train-views, or train on the image folder",
         )
     preset = preset_settings(args.preset or "default")
-    args.backbones = args.backbones or preset["backbones"]
+    args.backbones = preset["backbones"] if args.backbones is None else args.backbones
     args.tta = args.tta or preset["tta"]
 
 
