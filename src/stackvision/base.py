@@ -118,6 +118,8 @@ class ModelBase(metaclass=abc.ABCMeta):
     _fitted_attribute: ClassVar[str] = "classes_"
     # extra sections (report.Section) that save() adds to report.html; set on the instance
     report_sections: Sequence = ()
+    #: content hashes of the images the model was fitted on (``training_images.txt``), when known
+    training_hashes_: frozenset[str] | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -331,6 +333,10 @@ class ModelBase(metaclass=abc.ABCMeta):
             }
 
         def add(tmp):
+            if self.training_hashes_:
+                from .model_dir import write_training_hashes
+
+                write_training_hashes(tmp, self.training_hashes_)
             if extra is not None:
                 extra(tmp)
             if report and self.metrics_ and self.eval_:

@@ -155,6 +155,7 @@ def _fit_ensemble(members, names, paths, P: np.ndarray, y: np.ndarray, seed, run
     ens.member_names_ = names
     fit_combiners(ens, paths, P, y, content_groups(paths))
     ens.problems_, ens.manifest_ = list(members[0].problems_), None
+    ens.training_hashes_ = ens._fitted_on(paths)
     return ens
 
 

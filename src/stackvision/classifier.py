@@ -266,6 +266,7 @@ class StackedClassifier(ModelBase):
                 res.metrics["lda"] = lda
         self.heads_, self.histories_, self.splits_ = res.heads, res.histories, res.splits
         self.train_paths_ = [feats.paths[i] for i in res.train_idx]
+        self.training_hashes_ = frozenset(feats.hashes[i] for i in res.train_idx)
         self.train_y_ = yk[res.train_idx]
         self.oof_proba_, self.metrics_, self.eval_ = res.oof_proba, res.metrics, None
         if res.eval is not None:

@@ -52,7 +52,7 @@ from .ensemble_methods import (
 )
 from .errors import StackvisionError
 from .metrics import summary_row
-from .model_dir import read_manifest, read_tensors
+from .model_dir import file_hashes, read_manifest, read_tensors, read_training_hashes
 from .params import Interval, InvalidParameter, Options
 from .preprocess import Preprocess
 from .runtime import Runtime
@@ -201,8 +201,15 @@ class EnsembleClassifier(ModelBase):
 
         # identical files in one fold: the combiners' out-of-fold scores stay honest
         fit_combiners(self, paths, P, yk, content_groups(paths))
+        self.training_hashes_ = self._fitted_on(paths)
         self.manifest_ = None
         return self
+
+    def _fitted_on(self, paths) -> frozenset[str]:
+        """What the ensemble as a whole was fitted on: its members' images and ``paths``."""
+        return frozenset(file_hashes(paths)).union(
+            *(m.training_hashes_ or () for m in self.members_)
+        )
 
     # ------------------------------------------------------------------ predict
     @property
@@ -389,7 +396,7 @@ class EnsembleClassifier(ModelBase):
         model._set_columns()
         model.fitted_ = combiners_from_tensors(tensors, manifest)
         model.selection_ = None
-        model.manifest_ = manifest
+        model.manifest_, model.training_hashes_ = manifest, read_training_hashes(path)
         model.metrics_, model.eval_, model.problems_, model.table_ = None, None, [], []
         model.method_ = manifest["method"]
         return model

@@ -30,6 +30,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from . import model_dir
 from .augment import Augment
 from .backbones import POOLS, BackboneSpec, resolve
 from .base import ModelBase, Predictions
@@ -264,6 +265,7 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
 
         (timgs, tyk, tpaths), (vimgs, vyk, vpaths) = self._training_data(X, y, val)
         self.train_paths_, self.train_y_ = tpaths, tyk
+        self.training_hashes_ = frozenset(model_dir.file_hashes(tpaths))
 
         torch.manual_seed(self.seed)
         from .backbones import build_model

@@ -7,7 +7,7 @@ from .augment import Augment
 from .backbones import BackboneSpec
 from .errors import StackvisionError
 from .finetune_net import load_net
-from .model_dir import read_manifest, read_tensors
+from .model_dir import read_manifest, read_tensors, read_training_hashes
 from .preprocess import Preprocess
 
 #: training settings the manifest records and ``load`` gives back as parameters
@@ -57,7 +57,7 @@ def load_finetuned(cls, path: str, runtime=None):
         tensors, path,
     )  # fmt: skip
     model.net_ = net
-    model.manifest_ = manifest
+    model.manifest_, model.training_hashes_ = manifest, read_training_hashes(path)
     model.metrics_, model.eval_, model.problems_ = None, None, []
     model.history_ = []
     model.best_epoch_ = training.get("best_epoch")

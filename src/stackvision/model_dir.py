@@ -7,6 +7,10 @@ Layout of ``MODEL/``::
     metrics.json         validation / CV metrics (same keys as ``evaluate``)
     history.json         per-epoch training history of each trainable head (may be empty)
     report/              report.html and its plots
+    training_images.txt  content hashes (blake2b-128, as the feature cache keys images) of the
+                         images the model was fitted on, sorted, one a line; optional (models
+                         from before it have none). ``ensemble`` refuses --data that overlaps a
+                         member's, ``evaluate`` warns when it scores them
 
 ``format_version`` is bumped whenever a reader of the previous version would misread the directory.
 A reader refuses a newer version with a message to upgrade, and reads every older version it knows.
@@ -139,3 +143,54 @@ def read_tensors(path: str, manifest: dict) -> dict[str, np.ndarray]:
         ) from None
     validate_tensors(path, manifest, tensors, wpath)
     return tensors
+
+
+TRAINING_IMAGES = "training_images.txt"
+
+
+def file_hashes(paths) -> list[str]:
+    """The feature cache's key of each image file (:func:`stackvision.cache.content_hash` of its
+    bytes); an unreadable file is left out."""
+    from .cache import content_hash
+
+    out = []
+    for p in paths:
+        try:
+            with open(p, "rb") as fh:
+                out.append(content_hash(fh.read()))
+        except OSError:
+            pass
+    return out
+
+
+def write_training_hashes(folder: str, hashes) -> None:
+    """``training_images.txt`` in ``folder`` (a model directory being written)."""
+    with open(os.path.join(folder, TRAINING_IMAGES), "w", encoding="ascii") as fh:
+        fh.write("".join(f"{h}\n" for h in sorted(hashes)))
+
+
+def read_training_hashes(path: str) -> frozenset[str] | None:
+    """The content hashes of the images the model at ``path`` was fitted on, or None when the
+    directory does not say (older models)."""
+    f = os.path.join(path, TRAINING_IMAGES)
+    if not os.path.isfile(f):
+        return None
+    try:
+        with open(f, encoding="ascii") as fh:
+            hashes = frozenset(line.strip() for line in fh if line.strip())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StackvisionError(
+            f"cannot read {f}: {exc}", "the model directory is damaged"
+        ) from None
+    if any(len(h) != 32 or not all(c in "0123456789abcdef" for c in h) for h in hashes):
+        raise StackvisionError(
+            f"{f} is not a list of image hashes", "the model directory is damaged"
+        )
+    return hashes
+
+
+def training_overlap(path: str, images) -> int | None:
+    """How many of the image files ``images`` the model at ``path`` was fitted on (by content,
+    so a copy or a renamed file counts); None when the directory does not record it."""
+    seen = read_training_hashes(path)
+    return None if seen is None else sum(h in seen for h in file_hashes(images))

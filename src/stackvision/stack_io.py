@@ -11,7 +11,7 @@ from .backbones import saved_specs
 from .errors import StackvisionError
 from .heads import make_head
 from .metrics import summary_row
-from .model_dir import read_manifest, read_tensors
+from .model_dir import read_manifest, read_tensors, read_training_hashes
 
 
 def stack_manifest(model) -> dict:
@@ -95,7 +95,7 @@ def load_stack(cls, path: str, runtime, weights: dict[str, str] | None):
     model.classes_ = list(manifest["classes"])
     model._precision = model._runtime().precision or manifest.get("precision", "fp32")
     model.calibration_ = manifest.get("calibration")
-    model.manifest_ = manifest
+    model.manifest_, model.training_hashes_ = manifest, read_training_hashes(path)
     model.metrics_, model.eval_, model.histories_, model.problems_ = None, None, [], []
     model.temperature_ = float(manifest["temperature"])
     model.averaging_ = manifest.get("averaging", "proba")  # format 1 averaged probabilities

@@ -6,6 +6,7 @@ Evaluate a model on labelled data: metrics.json and report/ in --out.
 from __future__ import annotations
 
 import os
+import sys
 
 from ...errors import StackvisionError
 from .. import options as opt
@@ -26,6 +27,7 @@ def run(args) -> int:
     from ... import __version__
     from ...atomic import atomic_dir, write_json
     from ...metrics import classification_metrics, summary_row
+    from ...model_dir import training_overlap
     from ...outputs import EVALUATION_FORMAT
     from ...report import write_report
 
@@ -50,6 +52,12 @@ def run(args) -> int:
     }
     problems = data.problems + pred.problems
     metrics["problems"] = [p.__dict__ for p in problems]
+    seen = training_overlap(args.model, pred.paths)
+    if seen:  # scored, but said: these are not held-out numbers
+        metrics["training_overlap"] = {"n_images": seen, "of": len(pred.paths)}
+        metrics["validation"] += f" ({seen} of {len(pred.paths)} images were training images)"
+        print(f"warning: {seen} of the {len(pred.paths)} images were used to train this model: "
+              "these scores are not held-out scores", file=sys.stderr)  # fmt: skip
     with atomic_dir(args.out) as tmp:
         write_json(os.path.join(tmp, "metrics.json"), metrics)
         write_report(
