@@ -44,7 +44,8 @@ def test_ensemble_refuses_a_members_training_images(
     stack_dir, ft_dir, flowers_small, cache_dir, tmp_path, capsys
 ):
     out = tmp_path / "ens"
-    args = ["ensemble", str(stack_dir), str(ft_dir), "--data", str(flowers_small), "--out", str(out)]
+    args = ["ensemble", str(stack_dir), str(ft_dir), "--data", str(flowers_small)]
+    args += ["--out", str(out)]
     assert main([*args, "--cache", cache_dir, "-q"]) == 2
     one_line_error(capsys, f"of the 30 images in --data were used to train member {stack_dir}")
     assert not out.exists()
