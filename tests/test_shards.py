@@ -141,6 +141,10 @@ def test_export_from_cache_and_cli_train_from_shards(woof_val, cache_dir, tmp_pa
     args = ["train", "--from-shards", shards, "--out", model, "--val-split", "0.34"]
     assert main([*args, *common[4:], "--head-param", "epochs=3"]) == 0
     assert "streamed 24 rows from 3 shard(s)" in capsys.readouterr().out
+    from stackvision.model_dir import read_training_hashes
+
+    seen = read_training_hashes(model)  # the rows its head was fitted on, not the hold-out
+    assert seen < set(f.hashes()) and len(seen) == 24 - round(0.34 * 24)
     assert main(["predict", model, str(woof_val), "--cache", cache_dir, "-q"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 25
     assert main([*args, "--folds", "3"]) == 2

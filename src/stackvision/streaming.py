@@ -271,6 +271,7 @@ def train_from_shards(
     model.eval_ = None  # rows are image hashes, not paths: no image report
     model.problems_ = dups.problems
     model.train_paths_, model.train_y_ = [], y[tr]
+    model.training_hashes_ = frozenset(hashes[i] for i in tr)
     model.extract_stats_ = {"n_computed": 0, "n_cached": len(y), "images_per_second": None}
     model.shards_ = {"path": path, "n_rows": len(feats), "n_shards": feats.n_shards}
     return model
