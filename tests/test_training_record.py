@@ -47,7 +47,9 @@ def test_ensemble_refuses_a_members_training_images(
     args = ["ensemble", str(stack_dir), str(ft_dir), "--data", str(flowers_small)]
     args += ["--out", str(out)]
     assert main([*args, "--cache", cache_dir, "-q"]) == 2
-    one_line_error(capsys, f"of the 30 images in --data were used to train member {stack_dir}")
+    one_line_error(
+        capsys, "30 of the 30 images to fit the ensemble on were used to train member 'stack'"
+    )
     assert not out.exists()
 
 

@@ -192,6 +192,16 @@ class EnsembleClassifier(ModelBase):
                 f"labels not known to the members: {', '.join(unknown[:5])}",
                 "use held-out data with the members' class names",
             )
+        hashes = file_hashes(X)
+        for name, m in zip(self.member_names_, self.members_):
+            # combiners fitted on a member's own images learn to trust what it memorised
+            n = sum(h in m.training_hashes_ for h in hashes) if m.training_hashes_ else 0
+            if n:
+                raise StackvisionError(
+                    f"{n} of the {len(X)} images to fit the ensemble on were used to train "
+                    f"member '{name}': its weights and scores would trust what it memorised",
+                    "fit the ensemble on images no member was trained on (a held-out split)",
+                )
         label_of = dict(zip(X, y))
         index = {c: i for i, c in enumerate(self.classes_)}
         paths, P, problems = self._member_probas(X)
@@ -201,7 +211,9 @@ class EnsembleClassifier(ModelBase):
 
         # identical files in one fold: the combiners' out-of-fold scores stay honest
         fit_combiners(self, paths, P, yk, content_groups(paths))
-        self.training_hashes_ = self._fitted_on(paths)
+        self.training_hashes_ = frozenset(hashes).union(
+            *(m.training_hashes_ or () for m in self.members_)
+        )
         self.manifest_ = None
         return self
 

@@ -38,7 +38,6 @@ def add_arguments(e) -> None:
 
 def run(args) -> int:
     from ...ensemble import EnsembleClassifier
-    from ...model_dir import training_overlap
 
     if not args.data and not args.labels:
         raise StackvisionError(
@@ -56,14 +55,6 @@ def run(args) -> int:
     )
     opt.validate_estimator(ens)
     data = opt.listing(args, data=args.data)
-    for member in args.models:  # combiners fitted on a member's own images learn to trust it
-        n = training_overlap(member, data.paths)
-        if n:
-            raise StackvisionError(
-                f"{n} of the {len(data)} images in --data were used to train member {member}: "
-                "the ensemble's weights and scores would trust it for what it memorised",
-                "fit the ensemble on images no member was trained on (a held-out split)",
-            )
     t0 = time.perf_counter()
     say(
         args,
