@@ -25,6 +25,7 @@ from stackvision import Runtime, StackedClassifier, load_model
 from stackvision.base import ModelBase
 from stackvision.data import from_folder
 from stackvision.ensemble import EnsembleClassifier
+from stackvision.errors import StackvisionError
 from stackvision.export import export_model, prepare_images
 from stackvision.finetune import FineTunedClassifier
 from stackvision.params import InvalidParameter, UnknownParameter
@@ -68,6 +69,14 @@ def train(flowers_small):
 def heldout(tmp_path_factory):
     """3 flower classes x 4 images none of the models was trained on (the ensemble's data)."""
     d = make_slice(tmp_path_factory.mktemp("contract-heldout"), FLOWERS, CLASSES, 4, offset=10)
+    listing = from_folder(str(d))
+    return listing.paths, listing.labels
+
+
+@pytest.fixture(scope="module")
+def heldout2(tmp_path_factory):
+    """3 x 4 more images that no model, the ensemble included, was fitted on."""
+    d = make_slice(tmp_path_factory.mktemp("contract-heldout2"), FLOWERS, CLASSES, 4, offset=14)
     listing = from_folder(str(d))
     return listing.paths, listing.labels
 
@@ -153,10 +162,13 @@ def test_bgr_backbone_onnx_matches_forward_uint8(which, built, heldout, cache_di
     assert np.abs(want - rgb).max() > 1e-3  # the channel order did change the prediction
 
 
-def test_usable_as_an_ensemble_member(kind, built, heldout):
+def test_usable_as_an_ensemble_member(kind, built, heldout, heldout2):
     model = built[kind][0]
     other = built["stack-logreg" if kind == "finetune" else "finetune"][0]
-    X, y = heldout
+    if kind == "ensemble":  # it was fitted on `heldout`: an ensemble of it is refused there
+        with pytest.raises(StackvisionError, match="were used to train member 'ensemble0'"):
+            EnsembleClassifier([model, other], method="mean", folds=2).fit(*heldout)
+    X, y = heldout2
     ens = EnsembleClassifier([model, other], method="mean", folds=2).fit(X, y)
     assert ens.member_names_ == [f"{model.kind}0", f"{other.kind}1"]
     expect = (model.predict_proba(X) + other.predict_proba(X)) / 2
