@@ -81,3 +81,27 @@ def test_a_model_without_the_record_and_a_damaged_record(stack_dir, tmp_path):
     (old / TRAINING_IMAGES).write_text("not a hash\n")
     with pytest.raises(StackvisionError, match="not a list of image hashes"):
         read_training_hashes(str(old))
+
+
+def test_a_few_copies_of_training_images_are_left_out_of_the_ensembles_fit(
+    stack_dir, ft_dir, flowers_small, heldout, cache_dir, tmp_path, capsys
+):
+    """Duplicates across splits are common in real data: a few are left out (and said), only
+    a --data that is mostly a member's training set is refused."""
+    import shutil
+
+    data = tmp_path / "heldout-plus-two"
+    shutil.copytree(heldout, data)
+    for cls in sorted(os.listdir(flowers_small))[:2]:  # one training image of two classes,
+        src = sorted((flowers_small / cls).iterdir())[0]  # copied under a new name
+        shutil.copyfile(src, data / cls / f"copy-{src.name}")
+    out = tmp_path / "ens"
+    args = ["ensemble", str(stack_dir), str(ft_dir), "--data", str(data), "--out", str(out)]
+    assert main([*args, "--method", "mean", "--cache", cache_dir]) == 0
+    printed = capsys.readouterr()
+    assert "copy-" in printed.out + printed.err  # the two are named among the files left out
+    rows = json.loads((out / "comparison.json").read_text())  # members and combiners
+    assert len(rows) >= 3 and all(r["n_images"] == 12 for r in rows), rows
+    problems = json.loads((out / "metrics.json").read_text())["problems"]
+    assert sorted(p["path"].rsplit("/", 1)[1][:5] for p in problems) == ["copy-", "copy-"]
+    assert all("was trained on this image" in p["reason"] for p in problems)

@@ -38,6 +38,7 @@ import numpy as np
 
 from . import __version__
 from .base import ModelBase, Predictions, largest_input
+from .data import Problem
 from .ensemble_combiners import BEST, combiner_tensors, combiners_from_tensors, fit_combiners
 from .ensemble_methods import (
     METHODS,
@@ -192,34 +193,50 @@ class EnsembleClassifier(ModelBase):
                 f"labels not known to the members: {', '.join(unknown[:5])}",
                 "use held-out data with the members' class names",
             )
-        hashes = file_hashes(X)
-        for name, m in zip(self.member_names_, self.members_):
-            # combiners fitted on a member's own images learn to trust what it memorised
-            n = sum(h in m.training_hashes_ for h in hashes) if m.training_hashes_ else 0
-            if n:
-                raise StackvisionError(
-                    f"{n} of the {len(X)} images to fit the ensemble on were used to train "
-                    f"member '{name}': its weights and scores would trust what it memorised",
-                    "fit the ensemble on images no member was trained on (a held-out split)",
-                )
+        X, y, hashes, left_out = self._without_members_images(X, y)
         label_of = dict(zip(X, y))
         index = {c: i for i, c in enumerate(self.classes_)}
         paths, P, problems = self._member_probas(X)
         yk = np.asarray([index[label_of[p]] for p in paths], np.int64)
-        self.problems_ = problems
+        self.problems_ = left_out + problems
         from .duplicates import content_groups
 
         # identical files in one fold: the combiners' out-of-fold scores stay honest
         fit_combiners(self, paths, P, yk, content_groups(paths))
-        self.training_hashes_ = frozenset(hashes).union(
+        self.training_hashes_ = frozenset(h for h in hashes if h).union(
             *(m.training_hashes_ or () for m in self.members_)
         )
         self.manifest_ = None
         return self
 
+    def _without_members_images(self, X, y):
+        """``X``, ``y`` and their hashes without the images a member was trained on (copies of
+        them too: the combiners would learn to trust what it memorised), and those as problems;
+        refused when they are half of ``X`` or more (the wrong folder, not a few duplicates)."""
+        hashes = file_hashes(X)
+        trained = [(n, m.training_hashes_) for n, m in zip(self.member_names_, self.members_)]
+        trained = [(n, seen) for n, seen in trained if seen]
+        owner = [next((n for n, seen in trained if h in seen), None) for h in hashes]
+        bad = [i for i, n in enumerate(owner) if n is not None]
+        if bad and 2 * len(bad) >= len(X):
+            name = max({owner[i] for i in bad}, key=[owner[i] for i in bad].count)
+            raise StackvisionError(
+                f"{len(bad)} of the {len(X)} images to fit the ensemble on were used to train "
+                f"member '{name}' or another member: its weights and scores would trust what "
+                "it memorised",
+                "fit the ensemble on images no member was trained on (a held-out split)",
+            )
+        left_out = [
+            Problem(X[i], f"a member ('{owner[i]}') was trained on this image or a copy of it: "
+                    "left out of the ensemble's fit")
+            for i in bad
+        ]  # fmt: skip
+        keep = [i for i in range(len(X)) if owner[i] is None]
+        return [X[i] for i in keep], [y[i] for i in keep], [hashes[i] for i in keep], left_out
+
     def _fitted_on(self, paths) -> frozenset[str]:
         """What the ensemble as a whole was fitted on: its members' images and ``paths``."""
-        return frozenset(file_hashes(paths)).union(
+        return frozenset(h for h in file_hashes(paths) if h).union(
             *(m.training_hashes_ or () for m in self.members_)
         )
 

@@ -265,7 +265,7 @@ class FineTunedClassifier(FineTuneTraining, ModelBase):
 
         (timgs, tyk, tpaths), (vimgs, vyk, vpaths) = self._training_data(X, y, val)
         self.train_paths_, self.train_y_ = tpaths, tyk
-        self.training_hashes_ = frozenset(model_dir.file_hashes(tpaths))
+        self.training_hashes_ = frozenset(h for h in model_dir.file_hashes(tpaths) if h)
 
         torch.manual_seed(self.seed)
         from .backbones import build_model

@@ -9,8 +9,8 @@ Layout of ``MODEL/``::
     report/              report.html and its plots
     training_images.txt  content hashes (blake2b-128, as the feature cache keys images) of the
                          images the model was fitted on, sorted, one a line; optional (models
-                         from before it have none). ``ensemble`` refuses --data that overlaps a
-                         member's, ``evaluate`` warns when it scores them
+                         from before it have none). ``ensemble`` leaves a member's images out
+                         of its fit (refuses mostly-overlapping data), ``evaluate`` warns
 
 ``format_version`` is bumped whenever a reader of the previous version would misread the directory.
 A reader refuses a newer version with a message to upgrade, and reads every older version it knows.
@@ -148,18 +148,18 @@ def read_tensors(path: str, manifest: dict) -> dict[str, np.ndarray]:
 TRAINING_IMAGES = "training_images.txt"
 
 
-def file_hashes(paths) -> list[str]:
+def file_hashes(paths) -> list[str | None]:
     """The feature cache's key of each image file (:func:`stackvision.cache.content_hash` of its
-    bytes); an unreadable file is left out."""
+    bytes), in order; None for a file that cannot be read (reported where it is decoded)."""
     from .cache import content_hash
 
-    out = []
+    out: list[str | None] = []
     for p in paths:
         try:
             with open(p, "rb") as fh:
                 out.append(content_hash(fh.read()))
         except OSError:
-            pass
+            out.append(None)
     return out
 
 
@@ -193,4 +193,4 @@ def training_overlap(path: str, images) -> int | None:
     """How many of the image files ``images`` the model at ``path`` was fitted on (by content,
     so a copy or a renamed file counts); None when the directory does not record it."""
     seen = read_training_hashes(path)
-    return None if seen is None else sum(h in seen for h in file_hashes(images))
+    return None if seen is None else sum(h in seen for h in file_hashes(images) if h)
