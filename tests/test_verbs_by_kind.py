@@ -78,8 +78,13 @@ def test_info(kind_dir, capsys):
         assert [m["kind"] for m in d["members"]] == ["stack", "finetune"]
     else:
         assert d["backbones"][0]["architecture"] == "tf_efficientnet_lite0"
+    # 30 training images; a fine-tuned model's own 30% validation split is not among them
+    assert d["training_images_recorded"] == {"finetune": 21}.get(
+        kind, 30 + 12 * (kind == "ensemble")
+    )
     assert main(["info", str(path)]) == 0
-    assert f"kind            {kind}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"kind            {kind}" in out and "training images " in out
 
 
 def test_export_runs_in_onnxruntime_alone(kind_dir, heldout, tmp_path, capsys):

@@ -37,7 +37,7 @@ def _pp(p: dict | None) -> str:
 
 def describe(path: str) -> dict:
     """The facts ``info`` shows, as one JSON-able dict."""
-    from ...model_dir import read_manifest
+    from ...model_dir import read_manifest, read_training_hashes
 
     m = read_manifest(path)  # validated: a damaged directory is a one-line error
     training = m.get("training") or {}
@@ -60,6 +60,8 @@ def describe(path: str) -> dict:
         },
         "metrics": metrics,
     }
+    seen = read_training_hashes(path)  # None: saved before the record existed
+    out["training_images_recorded"] = None if seen is None else len(seen)
     kind = m["kind"]
     if kind == "stack":
         out["backbones"] = [
@@ -138,6 +140,9 @@ def _text(d: dict) -> str:
         lines.append(
             "  trained on      " + ", ".join(f"{k}={v}" for k, v in d["training_data"].items())
         )
+    if d.get("training_images_recorded") is not None:
+        lines.append(f"  training images {d['training_images_recorded']} recorded by content "
+                     "(ensemble leaves them out of its fit; evaluate warns on them)")  # fmt: skip
     text = "\n".join(lines)
     if d.get("metrics"):
         mt = dict(d["metrics"])
