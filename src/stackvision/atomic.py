@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .errors import StackvisionError
+from .outputs import unwritable_reason
 
 _umask_lock = threading.Lock()
 
@@ -60,12 +61,7 @@ def _writable(path: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        why = exc.strerror or str(exc)
-        parent = os.path.dirname(os.path.abspath(path))
-        while parent and not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):  # e.g. --out some.jpg/model
-            why = f"{parent} is a file, not a folder"
+        why = unwritable_reason(path) or exc.strerror or str(exc)
         raise StackvisionError(
             f"cannot write {path}: {why}", "choose a folder you can write to"
         ) from None

@@ -22,13 +22,13 @@ import hashlib
 import json
 import os
 import sqlite3
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from .atomic import atomic_open
 from .errors import StackvisionError
+from .outputs import unwritable_reason
 from .readout import of as readout_of
 
 CACHE_FORMAT = "features-v1"
@@ -129,24 +129,16 @@ class FeatureCache:
         self._stores: dict[str, FeatureStore] = {}
 
     def check_writable(self) -> None:
-        """Write a probe file in the cache folder, or in the nearest existing folder above it (it
-        is created when first needed, not here), so that an unwritable cache (a read-only home
-        folder, a typo under /) is found before any work."""
-        where = self.root
-        while not os.path.exists(where):
-            where = os.path.dirname(where)
-        try:
-            if not os.path.isdir(where):
-                raise NotADirectoryError(20, f"{where} is a file, not a folder")
-            fd, probe = tempfile.mkstemp(prefix=".stackvision-write-test-", dir=where)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise self._unwritable(exc) from None
+        """Make sure the cache folder can take new files (it is created when first needed, not
+        here), so that an unwritable cache (a read-only home folder, a typo under /) is found
+        before any work."""
+        why = unwritable_reason(os.path.join(self.root, "probe"))
+        if why:
+            raise self._unwritable(why)
 
-    def _unwritable(self, exc: OSError) -> StackvisionError:
+    def _unwritable(self, why) -> StackvisionError:
         return StackvisionError(
-            f"cannot write the feature cache {self.base}: {exc.strerror or exc}",
+            f"cannot write the feature cache {self.base}: {why}",
             "give --cache (or $STACKVISION_CACHE) a folder you can write to",
         )
 
@@ -156,7 +148,7 @@ class FeatureCache:
             try:
                 os.makedirs(self.root, exist_ok=True)
             except OSError as exc:
-                raise self._unwritable(exc) from None
+                raise self._unwritable(exc.strerror or exc) from None
             meta = os.path.join(self.root, key + ".json")
             if not os.path.exists(meta):
                 with atomic_open(meta, "w") as fh:

@@ -145,26 +145,28 @@ def check_out(
     return out
 
 
-def _check_writable(path: str, flag: str) -> None:
-    """The output is written beside itself (:mod:`.atomic`): try to create a file in its folder,
-    or in the nearest folder above it that exists."""
+def unwritable_reason(path: str) -> str | None:
+    """Why no new file can be created beside ``path`` (outputs are written beside themselves,
+    :mod:`.atomic`; ``path`` need not exist), or None: a probe file is made and removed in its
+    folder, or in the nearest folder above it that exists (nothing is created for good)."""
     parent = os.path.dirname(_real(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise _refuse(
-            f"{flag} {path} cannot be written: {parent} is a file, not a folder",
-            f"choose another {flag}",
-        )
+    if not os.path.isdir(parent):  # e.g. --out notes.txt/model
+        return f"{parent} is a file, not a folder"
     try:
         fd, probe = tempfile.mkstemp(prefix=".stackvision-write-test-", dir=parent)
     except OSError as exc:
-        raise _refuse(
-            f"{flag} {path} cannot be written: {exc.strerror or exc} (in {parent})",
-            "choose a folder you can write to",
-        ) from None
+        return f"{exc.strerror or exc} (in {parent})"
     os.close(fd)
     os.unlink(probe)
+    return None
+
+
+def _check_writable(path: str, flag: str) -> None:
+    why = unwritable_reason(path)
+    if why:
+        raise _refuse(f"{flag} {path} cannot be written: {why}", "choose a folder you can write to")
 
 
 def _check_out(path, kind, overwrite, inputs, cache_dir, flag) -> str:
