@@ -203,9 +203,7 @@ class EnsembleClassifier(ModelBase):
 
         # identical files in one fold: the combiners' out-of-fold scores stay honest
         fit_combiners(self, paths, P, yk, content_groups(paths))
-        self.training_hashes_ = frozenset(h for h in hashes if h).union(
-            *(m.training_hashes_ or () for m in self.members_)
-        )
+        self.training_hashes_ = self._fitted_on(hashes)
         self.manifest_ = None
         return self
 
@@ -234,9 +232,10 @@ class EnsembleClassifier(ModelBase):
         keep = [i for i in range(len(X)) if owner[i] is None]
         return [X[i] for i in keep], [y[i] for i in keep], [hashes[i] for i in keep], left_out
 
-    def _fitted_on(self, paths) -> frozenset[str]:
-        """What the ensemble as a whole was fitted on: its members' images and ``paths``."""
-        return frozenset(h for h in file_hashes(paths) if h).union(
+    def _fitted_on(self, hashes) -> frozenset[str]:
+        """What the ensemble as a whole was fitted on: its members' images and the images with
+        content ``hashes`` (:func:`~stackvision.model_dir.file_hashes`; None: unreadable)."""
+        return frozenset(h for h in hashes if h).union(
             *(m.training_hashes_ or () for m in self.members_)
         )
 
