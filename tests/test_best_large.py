@@ -135,6 +135,10 @@ def test_best_saves_both_stacks_when_their_combination_wins(
         ("stack", "stack"), ("stack-large", "stack")
     ]  # fmt: skip
     assert "both stacks (mean)" in json.loads((out / "metrics.json").read_text())["protocol"]
+    from stackvision.model_dir import file_hashes, read_training_hashes
+
+    # fitted on the training images only: every one of them, and nothing else
+    assert read_training_hashes(str(out)) == set(file_hashes(_paths(flowers_small)))
     model = load_model(str(out), cache_dir=cache_dir, device="cpu")
     paths = _paths(heldout)
     each = [m.predict_proba(paths) for m in model.members_]

@@ -148,7 +148,6 @@ def _fit_ensemble(members, names, paths, P: np.ndarray, y: np.ndarray, seed, run
     from .duplicates import content_groups
     from .ensemble import EnsembleClassifier
     from .ensemble_combiners import fit_combiners
-    from .model_dir import file_hashes
 
     ens = EnsembleClassifier(members, method="best", folds=5, seed=seed, runtime=runtime)
     ens._validate_params()
@@ -156,7 +155,8 @@ def _fit_ensemble(members, names, paths, P: np.ndarray, y: np.ndarray, seed, run
     ens.member_names_ = names
     fit_combiners(ens, paths, P, y, content_groups(paths))
     ens.problems_, ens.manifest_ = list(members[0].problems_), None
-    ens.training_hashes_ = ens._fitted_on(file_hashes(paths))
+    # the rows are the stack's own training images, which its record already holds
+    ens.training_hashes_ = ens._fitted_on(())
     return ens
 
 
