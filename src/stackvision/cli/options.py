@@ -49,15 +49,11 @@ def check_args(args: argparse.Namespace) -> None:
             runtime(args)
     except InvalidParameter as exc:
         raise reword(exc, {"cache_dir": "--cache"}) from None
-    cache = getattr(args, "cache", None)
-    if cache and os.path.exists(cache) and not os.path.isdir(cache):
-        raise StackvisionError(
-            f"--cache {cache} is a file, not a folder", "give --cache a folder (it is created)"
-        )
-    if hasattr(args, "batch_size"):  # a verb that reads or fills the feature cache
+    if hasattr(args, "cache"):  # a verb that reads or fills the feature cache
         from ..cache import FeatureCache
 
-        FeatureCache(cache).check_writable()
+        # refuses a cache that is a file, or one that cannot take new files
+        FeatureCache(args.cache).check_writable()
 
 
 @contextlib.contextmanager
